@@ -1,0 +1,19 @@
+"""darkconv: Darknet YOLO models, exact, on PyTorch, ONNX Runtime and TensorRT."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(cfg_path, weights_path=None, *, width: int | None = None, height: int | None = None):
+    """Build the torch module for a Darknet cfg (eval mode) and load its .weights.
+
+    Without ``weights_path`` the parameters are left at their default init (structure tests).
+    ``module(x)`` returns one raw head tensor per [yolo]/[region] layer, in cfg order;
+    ``module.spec`` holds what pre/postprocessing need.
+    """
+    from .graph.model import build_model
+
+    model = build_model(cfg_path, width, height)
+    if weights_path is not None:
+        model.load_weights(weights_path)
+    return model

@@ -1,0 +1,618 @@
+"""Builders for every supported cfg section (src/parser.c ``parse_*`` + each ``forward_*_layer``).
+
+Each builder reads its options with Darknet's defaults, validates its inputs,
+and returns a torch module and the output shape. Modules whose parameters live
+in the .weights file list them, in file order, via ``darknet_tensors()``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..darknet.spec import NMS_KINDS, HeadSpec
+from .activations import Activation, activation
+from .registry import BuildContext, Built, register
+
+BN_EPS = 1e-5  # normalize_cpu: (x - mean) / sqrt(var + .00001)
+
+
+class DarknetModule(nn.Module):
+    """A layer module; ``darknet_tensors`` lists (name, tensor) in .weights order."""
+
+    def darknet_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return []
+
+
+# -- convolutional ---------------------------------------------------------------
+class Convolutional(DarknetModule):
+    """[convolutional]: conv (+ batchnorm) + bias + activation, optional antialiasing blur.
+
+    Mirrors forward_convolutional_layer: BN uses the rolling statistics with eps 1e-5.
+    ``fuse()`` folds BN into the conv (for export); outputs agree to float rounding.
+    """
+
+    def __init__(self, c_in, n, size, stride, pad, dilation, groups, bn, act: Activation, blur=None):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, n, size, stride, pad * dilation, dilation, groups, bias=True)
+        nn.init.zeros_(self.conv.bias)
+        self.bn = bn
+        if bn:
+            self.register_buffer("scales", torch.ones(n))
+            self.register_buffer("rolling_mean", torch.zeros(n))
+            self.register_buffer("rolling_variance", torch.ones(n))
+        self.act = act
+        self.blur = blur  # (kernel (n,1,k,k), stride (sy,sx), pad) applied after the activation
+
+    def darknet_tensors(self):
+        t = [("biases", self.conv.bias)]
+        if self.bn:
+            t += [("scales", self.scales), ("rolling_mean", self.rolling_mean),
+                  ("rolling_variance", self.rolling_variance)]
+        return t + [("weights", self.conv.weight)]
+
+    @torch.no_grad()
+    def fuse(self):
+        if not self.bn:
+            return
+        k = self.scales / torch.sqrt(self.rolling_variance + BN_EPS)
+        self.conv.weight.mul_(k.view(-1, 1, 1, 1))
+        self.conv.bias.copy_(self.conv.bias - self.rolling_mean * k)
+        self.bn = False
+        for name in ("scales", "rolling_mean", "rolling_variance"):
+            delattr(self, name)
+
+    def forward(self, x):
+        if self.bn:
+            y = F.conv2d(x, self.conv.weight, None, self.conv.stride, self.conv.padding,
+                         self.conv.dilation, self.conv.groups)
+            y = (y - self.rolling_mean.view(1, -1, 1, 1)) / torch.sqrt(self.rolling_variance.view(1, -1, 1, 1) + BN_EPS)
+            y = y * self.scales.view(1, -1, 1, 1) + self.conv.bias.view(1, -1, 1, 1)
+        else:
+            y = self.conv(x)
+        y = self.act(y)
+        if self.blur is not None:
+            kernel, stride, pad = self.blur
+            y = F.conv2d(y, kernel.to(y.dtype), None, stride, pad, 1, y.shape[1])
+        return y
+
+
+def _blur_kernel(n: int, antialiasing: int) -> torch.Tensor:
+    if antialiasing == 2:  # 2x2 mean
+        k = torch.full((2, 2), 0.25)
+    else:  # [1,2,1] x [1,2,1] / 16
+        v = torch.tensor([1.0, 2.0, 1.0])
+        k = torch.outer(v, v) / 16
+    return k.expand(n, 1, *k.shape).contiguous()
+
+
+@register("convolutional")
+def build_convolutional(s, ctx: BuildContext) -> Built:
+    c, h, w = ctx.prev
+    n = s.int("filters", 1)
+    size = s.int("size", 1)
+    groups = s.int("groups", 1)
+    stride = s.int("stride", 1)
+    sx, sy = s.int("stride_x", -1), s.int("stride_y", -1)
+    sx = stride if sx < 1 else sx
+    sy = stride if sy < 1 else sy
+    dilation = s.int("dilation", 1)
+    if size == 1:
+        dilation = 1
+    padding = size // 2 if s.int("pad", 0) else s.int("padding", 0)
+    antialiasing = s.int("antialiasing", 0)
+    for key in ("share_index", "binary", "xnor", "deform", "sway", "rotate", "stretch", "stretch_sway"):
+        if s.int(key, 0 if key != "share_index" else -1000000) not in (0, -1000000):
+            raise s.error(f"option {key} is not supported by darkconv", key)
+    if n < 1 or size < 1 or groups < 1 or sx < 1 or sy < 1 or dilation < 1:
+        raise s.error("filters, size, groups, stride and dilation must be positive")
+    if c % groups or n % groups:
+        raise s.error(f"groups={groups} must divide the input channels ({c}) and filters ({n})", "groups")
+    if antialiasing:
+        stride_conv = (1, 1)
+    else:
+        stride_conv = (sy, sx)
+    oh = (h + 2 * padding - size) // stride_conv[0] + 1  # convolutional_out_height
+    ow = (w + 2 * padding - size) // stride_conv[1] + 1
+    th = (h + 2 * padding * dilation - dilation * (size - 1) - 1) // stride_conv[0] + 1
+    tw = (w + 2 * padding * dilation - dilation * (size - 1) - 1) // stride_conv[1] + 1
+    if (oh, ow) != (th, tw) or oh < 1 or ow < 1:
+        raise s.error(f"size={size} padding={padding} dilation={dilation} gives an invalid output "
+                      f"for a {w}x{h} input")
+    blur = None
+    if antialiasing:
+        bsize = 2 if antialiasing == 2 else 3
+        bpad = bsize // 2
+        blur = (_blur_kernel(n, antialiasing), (sy, sx), bpad)
+        oh = (oh + 2 * bpad - bsize) // sy + 1
+        ow = (ow + 2 * bpad - bsize) // sx + 1
+    bn = bool(s.int("batch_normalize", 0))
+    mod = Convolutional(c, n, size, stride_conv, padding, dilation, groups, bn,
+                        activation(s, default="logistic"), blur)
+    mod.flipped = bool(s.int("flipped", 0))
+    return Built(mod, (n, oh, ow))
+
+
+# -- pooling ---------------------------------------------------------------------
+class MaxPool(DarknetModule):
+    """[maxpool]: padded cells never win (edge padding == Darknet's -FLT_MAX for any window with a real cell)."""
+
+    def __init__(self, size, stride, padding, depth_out: int = 0):
+        super().__init__()
+        self.size, self.stride, self.padding, self.depth_out = size, stride, padding, depth_out
+
+    def forward(self, x):
+        if self.depth_out:  # maxpool_depth: output channel g = max over channels g, g+out_c, ...
+            return torch.stack([x[:, g::self.depth_out].amax(1) for g in range(self.depth_out)], 1)
+        p = self.padding
+        pl, pr = p // 2, p - p // 2
+        if p:
+            if pr < self.size:
+                x = F.pad(x, (pl, pr, pl, pr), mode="replicate")
+            else:
+                x = F.pad(x, (pl, pr, pl, pr), value=float("-inf"))
+        return F.max_pool2d(x, self.size, self.stride)
+
+
+@register("maxpool")
+def build_maxpool(s, ctx: BuildContext) -> Built:
+    c, h, w = ctx.prev
+    size = s.int("size", 1)
+    stride = s.int("stride", 1)
+    sx, sy = s.int("stride_x", stride), s.int("stride_y", stride)
+    padding = s.int("padding", size - 1)
+    if s.int("antialiasing", 0):
+        raise s.error("maxpool antialiasing is not supported by darkconv", "antialiasing")
+    if s.int("maxpool_depth", 0):
+        out_c = s.int("out_channels", 1)
+        if not 1 <= out_c <= c:
+            raise s.error(f"out_channels={out_c} must be between 1 and the input channels {c}", "out_channels")
+        return Built(MaxPool(size, 1, 0, out_c), (out_c, h, w))
+    oh, ow = (h + padding - size) // sy + 1, (w + padding - size) // sx + 1
+    if oh < 1 or ow < 1:
+        raise s.error(f"size={size} is larger than the {w}x{h} input", "size")
+    return Built(MaxPool(size, (sy, sx), padding), (c, oh, ow))
+
+
+class LocalAvgPool(DarknetModule):
+    """[local_avgpool]: maxpool geometry, average over the in-image cells of each window."""
+
+    def __init__(self, size, stride, padding):
+        super().__init__()
+        self.size, self.stride, self.padding = size, stride, padding
+
+    def forward(self, x):
+        p = self.padding
+        pads = (p // 2, p - p // 2, p // 2, p - p // 2)
+        ones = torch.ones_like(x[:1, :1])
+        total = F.avg_pool2d(F.pad(x, pads), self.size, self.stride)
+        count = F.avg_pool2d(F.pad(ones, pads), self.size, self.stride)
+        return total / count
+
+
+@register("local_avgpool")
+def build_local_avgpool(s, ctx: BuildContext) -> Built:
+    c, h, w = ctx.prev
+    size = s.int("size", 1)
+    stride = s.int("stride", 1)
+    sx, sy = s.int("stride_x", stride), s.int("stride_y", stride)
+    padding = s.int("padding", size - 1)
+    oh, ow = (h + padding - size) // sy + 1, (w + padding - size) // sx + 1
+    if oh < 1 or ow < 1:
+        raise s.error(f"size={size} is larger than the {w}x{h} input", "size")
+    return Built(LocalAvgPool(size, (sy, sx), padding), (c, oh, ow))
+
+
+class GlobalAvgPool(DarknetModule):
+    def forward(self, x):
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
+@register("avgpool")
+def build_avgpool(s, ctx: BuildContext) -> Built:
+    return Built(GlobalAvgPool(), (ctx.prev[0], 1, 1))
+
+
+# -- resampling ------------------------------------------------------------------
+class Upsample(DarknetModule):
+    """[upsample]: nearest ×stride times ``scale``; negative stride = sum-downsample (upsample_cpu reverse)."""
+
+    def __init__(self, stride: int, scale: float):
+        super().__init__()
+        self.stride, self.scale = stride, scale
+
+    def forward(self, x):
+        if self.stride > 0:
+            y = F.interpolate(x, scale_factor=float(self.stride), mode="nearest")
+        else:
+            s = -self.stride
+            y = F.avg_pool2d(x, s, s) * (s * s)
+        return y * self.scale if self.scale != 1 else y
+
+
+@register("upsample")
+def build_upsample(s, ctx: BuildContext) -> Built:
+    c, h, w = ctx.prev
+    stride = s.int("stride", 2)
+    scale = s.float("scale", 1.0)
+    if stride == 0:
+        raise s.error("stride=0 is not valid", "stride")
+    if stride > 0:
+        return Built(Upsample(stride, scale), (c, h * stride, w * stride))
+    return Built(Upsample(stride, scale), (c, h // -stride, w // -stride))
+
+
+class Reorg(DarknetModule):
+    """[reorg]: Darknet's old reorg (reorg_old_layer.c -> reorg_cpu(input, w, h, c, stride, forward=0)).
+
+    It reads the input buffer as if it were (c/s², h·s, w·s) and gathers it into
+    (c, h, w) order, then the flat result is the (c·s², h/s, w/s) output.
+    """
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        s = self.stride
+        y = x.reshape(n, c // (s * s), h, s, w, s).permute(0, 3, 5, 1, 2, 4)
+        return y.reshape(n, c * s * s, h // s, w // s)
+
+
+class Reorg3d(DarknetModule):
+    """[reorg3d]: reorg_layer.c -> reorg_cpu(input, out_w, out_h, out_c, stride, forward=0): space-to-depth,
+    output channel ``off*c + k`` holds input channel k at offset (off // s, off % s)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        s = self.stride
+        y = x.reshape(n, c, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4)
+        return y.reshape(n, c * s * s, h // s, w // s)
+
+
+def _reorg(s, ctx, cls):
+    c, h, w = ctx.prev
+    stride = s.int("stride", 1)
+    if s.int("reverse", 0) or s.int("flatten", 0) or s.int("extra", 0):
+        raise s.error("reorg reverse/flatten/extra are not supported by darkconv")
+    if stride < 1 or h % stride or w % stride or (cls is Reorg and c % (stride * stride)):
+        raise s.error(f"stride={stride} must divide the {w}x{h} input" +
+                      (f" and its channels/stride² ({c})" if cls is Reorg else ""), "stride")
+    return Built(cls(stride), (c * stride * stride, h // stride, w // stride))
+
+
+@register("reorg")
+def build_reorg(s, ctx):
+    return _reorg(s, ctx, Reorg)
+
+
+@register("reorg3d")
+def build_reorg3d(s, ctx):
+    return _reorg(s, ctx, Reorg3d)
+
+
+# -- joins -----------------------------------------------------------------------
+class Route(DarknetModule):
+    """[route]: each input sliced to its group_id-th of ``groups`` channel chunks, then concatenated."""
+
+    def __init__(self, groups: int, group_id: int):
+        super().__init__()
+        self.groups, self.group_id = groups, group_id
+
+    def forward(self, *xs):
+        if self.groups > 1:
+            xs = [x[:, x.shape[1] // self.groups * self.group_id: x.shape[1] // self.groups * (self.group_id + 1)]
+                  for x in xs]
+        return xs[0] if len(xs) == 1 else torch.cat(xs, 1)
+
+
+@register("route")
+def build_route(s, ctx: BuildContext) -> Built:
+    raw = s.ints("layers")
+    if not raw:
+        raise s.error("route needs layers=", "layers")
+    groups, group_id = s.int("groups", 1), s.int("group_id", 0)
+    if groups < 1 or not 0 <= group_id < groups:
+        raise s.error(f"group_id={group_id} must be in 0..groups-1 (groups={groups})", "group_id")
+    idx = tuple(ctx.resolve(s, "layers", r) for r in raw)
+    shapes = [ctx.shape_of(i) for i in idx]
+    c = 0
+    for i, (ci, hi, wi) in zip(idx, shapes):
+        if (hi, wi) != shapes[0][1:]:
+            raise s.error(f"layers {idx[0]} ({shapes[0][2]}x{shapes[0][1]}) and {i} ({wi}x{hi}) have different "
+                          "sizes and cannot be concatenated", "layers")
+        if ci % groups:
+            raise s.error(f"layer {i} has {ci} channels, not divisible by groups={groups}", "groups")
+        c += ci // groups
+    return Built(Route(groups, group_id), (c, shapes[0][1], shapes[0][2]), inputs=idx)
+
+
+class Shortcut(DarknetModule):
+    """[shortcut]: previous + Σ from-layers (shortcut_multilayer_cpu), optional weights, activation last.
+
+    An input with other channel counts adds to the leading channels only.
+    """
+
+    def __init__(self, n_from, channels, weights_type, normalization, act):
+        super().__init__()
+        self.weights_type, self.normalization, self.act = weights_type, normalization, act
+        if weights_type == "per_feature":
+            self.weights = nn.Parameter(torch.ones(n_from + 1, 1))
+        elif weights_type == "per_channel":
+            self.weights = nn.Parameter(torch.ones(n_from + 1, channels))
+        else:
+            self.weights = None
+
+    def darknet_tensors(self):
+        return [] if self.weights is None else [("weights", self.weights)]
+
+    def _norm_weights(self):
+        w = self.weights  # (n+1, 1 or c)
+        if self.normalization == "relu":
+            r = torch.relu(w)
+            return r / (r.sum(0, keepdim=True) + 1e-4)
+        if self.normalization == "softmax":
+            e = torch.exp(w - w.amax(0, keepdim=True))
+            return e / (e.sum(0, keepdim=True) + 1e-4)
+        return w
+
+    def forward(self, x, *adds):
+        c = x.shape[1]
+        w = None if self.weights is None else self._norm_weights().to(x.dtype).view(-1, 1, self.weights.shape[1], 1, 1)[:, :, :c]
+        out = x if w is None else x * w[0]
+        for i, a in enumerate(adds):
+            ca = min(c, a.shape[1])
+            term = a[:, :ca] if w is None else a[:, :ca] * w[i + 1][:, :ca]
+            out = out + term if ca == c else torch.cat([out[:, :ca] + term, out[:, ca:]], 1)
+        return self.act(out)
+
+
+@register("shortcut")
+def build_shortcut(s, ctx: BuildContext) -> Built:
+    raw = s.ints("from")
+    if not raw:
+        raise s.error("shortcut needs from=", "from")
+    idx = tuple(ctx.resolve(s, "from", r) for r in raw)
+    c, h, w = ctx.prev
+    for i in idx:
+        _, hi, wi = ctx.shape_of(i)
+        if (hi, wi) != (h, w):
+            raise s.error(f"from layer {i} is {wi}x{hi} but the previous layer is {w}x{h}", "from")
+    wt = s.str("weights_type", "none")
+    wn = s.str("weights_normalization", "none")
+    if wt not in ("none", "per_feature", "per_channel"):
+        raise s.error(f"weights_type={wt!r}: expected none, per_feature or per_channel", "weights_type")
+    if wn not in ("none", "relu", "softmax"):
+        raise s.error(f"weights_normalization={wn!r}: expected none, relu or softmax", "weights_normalization")
+    mod = Shortcut(len(idx), c, wt, wn, activation(s, default="linear"))
+    return Built(mod, (c, h, w), inputs=(ctx.index - 1,) + idx)
+
+
+class Sam(DarknetModule):
+    """[sam]: previous × from (forward_sam_layer), then activation."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x, other):
+        return self.act(x * other)
+
+
+@register("sam")
+def build_sam(s, ctx: BuildContext) -> Built:
+    i = ctx.resolve(s, "from", s.int("from", 0) if s.has("from") else 0)
+    if ctx.shape_of(i) != ctx.prev:
+        raise s.error(f"from layer {i} has shape {ctx.shape_of(i)}, the previous layer {ctx.prev}: must be equal",
+                      "from")
+    return Built(Sam(activation(s, default="linear")), ctx.prev, inputs=(ctx.index - 1, i))
+
+
+class ScaleChannels(DarknetModule):
+    """[scale_channels]: from × previous, previous being C×1×1 (or 1×H×W with scale_wh)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x, other):
+        return self.act(other * x)
+
+
+@register("scale_channels")
+def build_scale_channels(s, ctx: BuildContext) -> Built:
+    if not s.has("from"):
+        raise s.error("scale_channels needs from=", "from")
+    i = ctx.resolve(s, "from", s.int("from"))
+    c, h, w = ctx.shape_of(i)
+    pc, ph, pw = ctx.prev
+    if s.int("scale_wh", 0):
+        if (pc, ph, pw) != (1, h, w):
+            raise s.error(f"scale_wh expects the previous layer to be 1x{h}x{w}, it is {pc}x{ph}x{pw}")
+    elif (pc, ph, pw) != (c, 1, 1):
+        raise s.error(f"expects the previous layer to be {c}x1x1 (channels of layer {i}), it is {pc}x{ph}x{pw}")
+    return Built(ScaleChannels(activation(s, default="linear")), (c, h, w), inputs=(ctx.index - 1, i))
+
+
+# -- misc ------------------------------------------------------------------------
+class Identity(DarknetModule):
+    def forward(self, x):
+        return x
+
+
+@register("dropout", "empty")
+def build_identity(s, ctx: BuildContext) -> Built:
+    return Built(Identity(), ctx.prev)  # dropout is the identity at inference (Darknet scales during training)
+
+
+class ActivationLayer(DarknetModule):
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x):
+        return self.act(x)
+
+
+@register("activation")
+def build_activation(s, ctx: BuildContext) -> Built:
+    return Built(ActivationLayer(activation(s, default="linear")), ctx.prev)
+
+
+class BatchNorm(DarknetModule):
+    """[batchnorm]: file order biases, scales, rolling mean, rolling variance."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.register_buffer("biases", torch.zeros(c))
+        self.register_buffer("scales", torch.ones(c))
+        self.register_buffer("rolling_mean", torch.zeros(c))
+        self.register_buffer("rolling_variance", torch.ones(c))
+
+    def darknet_tensors(self):
+        return [("biases", self.biases), ("scales", self.scales), ("rolling_mean", self.rolling_mean),
+                ("rolling_variance", self.rolling_variance)]
+
+    def forward(self, x):
+        v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+        return (x - v(self.rolling_mean)) / torch.sqrt(v(self.rolling_variance) + BN_EPS) * v(self.scales) + v(self.biases)
+
+
+@register("batchnorm")
+def build_batchnorm(s, ctx: BuildContext) -> Built:
+    return Built(BatchNorm(ctx.prev[0]), ctx.prev)
+
+
+class Connected(DarknetModule):
+    """[connected]: file order biases, weights (outputs × inputs), then BN scales/mean/variance."""
+
+    def __init__(self, inputs, outputs, bn, act):
+        super().__init__()
+        self.fc = nn.Linear(inputs, outputs)
+        self.bn = bn
+        if bn:
+            self.register_buffer("scales", torch.ones(outputs))
+            self.register_buffer("rolling_mean", torch.zeros(outputs))
+            self.register_buffer("rolling_variance", torch.ones(outputs))
+        self.act = act
+
+    def darknet_tensors(self):
+        t = [("biases", self.fc.bias), ("weights", self.fc.weight)]
+        if self.bn:
+            t += [("scales", self.scales), ("rolling_mean", self.rolling_mean), ("rolling_variance", self.rolling_variance)]
+        return t
+
+    def forward(self, x):
+        if self.bn:
+            y = F.linear(x.flatten(1), self.fc.weight)
+            y = (y - self.rolling_mean) / torch.sqrt(self.rolling_variance + BN_EPS) * self.scales + self.fc.bias
+        else:
+            y = self.fc(x.flatten(1))
+        return self.act(y)[:, :, None, None]
+
+
+@register("connected")
+def build_connected(s, ctx: BuildContext) -> Built:
+    c, h, w = ctx.prev
+    out = s.int("output", 1)
+    mod = Connected(c * h * w, out, bool(s.int("batch_normalize", 0)), activation(s, default="logistic"))
+    return Built(mod, (out, 1, 1))
+
+
+class Softmax(DarknetModule):
+    """[softmax]: softmax over each of ``groups`` contiguous chunks of the flattened input, with temperature."""
+
+    def __init__(self, groups, temperature):
+        super().__init__()
+        self.groups, self.temperature = groups, temperature
+
+    def forward(self, x):
+        n = x.shape[0]
+        y = torch.softmax(x.reshape(n, self.groups, -1) / self.temperature, -1)
+        return y.reshape(x.shape)
+
+
+@register("softmax")
+def build_softmax(s, ctx: BuildContext) -> Built:
+    c, h, w = ctx.prev
+    groups = s.int("groups", 1)
+    if groups < 1 or (c * h * w) % groups:
+        raise s.error(f"groups={groups} must divide the {c * h * w} inputs", "groups")
+    return Built(Softmax(groups, s.float("temperature", 1.0)), ctx.prev)
+
+
+# -- heads -----------------------------------------------------------------------
+class Head(DarknetModule):
+    """[yolo]/[region] in the graph: the identity. Decoding lives in darkconv.postprocess."""
+
+    def forward(self, x):
+        return x
+
+
+def _nms_kind(s) -> str:
+    kind = s.str("nms_kind", "default").lower()
+    if kind not in NMS_KINDS:
+        raise s.error(f"nms_kind={kind!r}: expected one of {', '.join(NMS_KINDS)}", "nms_kind")
+    return kind
+
+
+def _check_head_filters(s, ctx, anchors_used, classes, coords=4):
+    c = ctx.prev[0]
+    want = anchors_used * (coords + 1 + classes)
+    if c != want:
+        prev = ctx.index - 1
+        raise s.error(f"layer {prev} before it must have filters={want} for classes={classes} and "
+                      f"{anchors_used} anchors ({anchors_used}*({coords + 1}+{classes})), the cfg gives {c}: "
+                      f"fix filters= in layer {prev} or classes= here", "classes")
+
+
+def _anchors(s, count: int, key: str = "anchors") -> list[tuple[float, float]]:
+    a = s.floats(key, [])
+    if len(a) < 2 * count:
+        raise s.error(f"anchors has {len(a)} values, needs {2 * count} (num={count} pairs)", key)
+    return [(a[2 * i], a[2 * i + 1]) for i in range(count)]
+
+
+@register("yolo")
+def build_yolo(s, ctx: BuildContext) -> Built:
+    total = s.int("num", 1)
+    mask = s.ints("mask", list(range(total)))
+    classes = s.int("classes", 20)
+    anchors = _anchors(s, total)
+    for m in mask:
+        if not 0 <= m < total:
+            raise s.error(f"mask entry {m} is out of range for num={total}", "mask")
+    _check_head_filters(s, ctx, len(mask), classes)
+    new_coords = s.int("new_coords", 0)
+    head = HeadSpec("yolo", ctx.index, classes, tuple(anchors[m] for m in mask), tuple(mask),
+                    tuple(ctx.prev[1:]), s.float("scale_x_y", 1.0), new_coords, _nms_kind(s),
+                    s.float("beta_nms", 0.6))
+    return Built(Head(), ctx.prev, head=head)
+
+
+@register("region")
+def build_region(s, ctx: BuildContext) -> Built:
+    num = s.int("num", 1)
+    classes = s.int("classes", 20)
+    coords = s.int("coords", 4)
+    if coords != 4:
+        raise s.error(f"coords={coords}: only 4 is supported", "coords")
+    for key in ("tree", "map"):
+        if s.has(key):
+            raise s.error(f"[region] {key}= (YOLO9000 hierarchy) is not supported", key)
+    anchors = _anchors(s, num)
+    _check_head_filters(s, ctx, num, classes, coords)
+    head = HeadSpec("region", ctx.index, classes, tuple(anchors), tuple(range(num)), tuple(ctx.prev[1:]),
+                    1.0, 0, _nms_kind(s), s.float("beta_nms", 0.6), softmax=bool(s.int("softmax", 0)))
+    return Built(Head(), ctx.prev, head=head)
+
+
+def he_scale(fan_in: int) -> float:
+    return math.sqrt(2.0 / max(fan_in, 1))
