@@ -51,10 +51,12 @@ class WeightsReader:
     def __init__(self, path: str | Path):
         self.path = str(path)
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as f:  # read into a writable buffer: torch can view it without a copy
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(data)
         except OSError as e:
             raise WeightsError(f"cannot read weights: {e.strerror}", file=self.path) from None
-        _sniff(data[:512], self.path)
+        _sniff(bytes(data[:512]), self.path)
         if len(data) < 16:
             raise WeightsError(f"file is {len(data)} bytes: too short for a Darknet header", file=self.path)
         major, minor, revision = (int(v) for v in np.frombuffer(data, "<i4", 3))

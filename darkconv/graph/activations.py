@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 
-def _mish(x):  # x * tanh(softplus(x)), softplus thresholded at 20 (MISH_THRESHOLD)
-    return x * torch.tanh(F.softplus(x, beta=1.0, threshold=20.0))
+def _mish(x):
+    """x * tanh(softplus(x)); Darknet thresholds softplus at ±20 (MISH_THRESHOLD), where
+    log1p(exp(x)) equals x (or exp(x)) to float32 precision, so torch's Mish (ONNX ``Mish``) is identical."""
+    return F.mish(x)
 
 
 def _hard_mish(x):

@@ -136,6 +136,12 @@ def build_convolutional(s, ctx: BuildContext) -> Built:
 
 
 # -- pooling ---------------------------------------------------------------------
+def _replicate_pad(x, lo: int, hi: int):
+    """Edge-replicate ``lo`` cells before and ``hi`` after, on H and W (ONNX: Slice + Concat, no Pad op)."""
+    x = torch.cat([x[:, :, :1]] * lo + [x] + [x[:, :, -1:]] * hi, 2)
+    return torch.cat([x[:, :, :, :1]] * lo + [x] + [x[:, :, :, -1:]] * hi, 3)
+
+
 class MaxPool(DarknetModule):
     """[maxpool]: padded cells never win (edge padding == Darknet's -FLT_MAX for any window with a real cell)."""
 
@@ -148,9 +154,13 @@ class MaxPool(DarknetModule):
             return torch.stack([x[:, g::self.depth_out].amax(1) for g in range(self.depth_out)], 1)
         p = self.padding
         pl, pr = p // 2, p - p // 2
+        h, w = x.shape[-2:]
+        (sy, sx), k = self.stride, self.size
+        if pl == 0 and (h + pr - k) // sy == (h - k) // sy and (w + pr - k) // sx == (w - k) // sx:
+            p = 0  # the right/bottom padding is never reached by a window: skip it (cleaner graph)
         if p:
-            if pr < self.size:
-                x = F.pad(x, (pl, pr, pl, pr), mode="replicate")
+            if pr < self.size and pl < self.size:  # edge replication: Slice+Concat in ONNX, no Pad op
+                x = _replicate_pad(x, pl, pr)
             else:
                 x = F.pad(x, (pl, pr, pl, pr), value=float("-inf"))
         return F.max_pool2d(x, self.size, self.stride)
@@ -169,7 +179,7 @@ def build_maxpool(s, ctx: BuildContext) -> Built:
         out_c = s.int("out_channels", 1)
         if not 1 <= out_c <= c:
             raise s.error(f"out_channels={out_c} must be between 1 and the input channels {c}", "out_channels")
-        return Built(MaxPool(size, 1, 0, out_c), (out_c, h, w))
+        return Built(MaxPool(size, (1, 1), 0, out_c), (out_c, h, w))
     oh, ow = (h + padding - size) // sy + 1, (w + padding - size) // sx + 1
     if oh < 1 or ow < 1:
         raise s.error(f"size={size} is larger than the {w}x{h} input", "size")
@@ -251,30 +261,30 @@ class Reorg(DarknetModule):
     (c, h, w) order, then the flat result is the (c·s², h/s, w/s) output.
     """
 
-    def __init__(self, stride: int):
+    def __init__(self, stride: int, shape):
         super().__init__()
-        self.stride = stride
+        self.stride, self.shape = stride, tuple(shape)  # static (c, h, w): no Shape ops in ONNX
 
     def forward(self, x):
-        n, c, h, w = x.shape
+        c, h, w = self.shape
         s = self.stride
-        y = x.reshape(n, c // (s * s), h, s, w, s).permute(0, 3, 5, 1, 2, 4)
-        return y.reshape(n, c * s * s, h // s, w // s)
+        y = x.reshape(-1, c // (s * s), h, s, w, s).permute(0, 3, 5, 1, 2, 4)
+        return y.reshape(-1, c * s * s, h // s, w // s)
 
 
 class Reorg3d(DarknetModule):
     """[reorg3d]: reorg_layer.c -> reorg_cpu(input, out_w, out_h, out_c, stride, forward=0): space-to-depth,
     output channel ``off*c + k`` holds input channel k at offset (off // s, off % s)."""
 
-    def __init__(self, stride: int):
+    def __init__(self, stride: int, shape):
         super().__init__()
-        self.stride = stride
+        self.stride, self.shape = stride, tuple(shape)
 
     def forward(self, x):
-        n, c, h, w = x.shape
+        c, h, w = self.shape
         s = self.stride
-        y = x.reshape(n, c, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4)
-        return y.reshape(n, c * s * s, h // s, w // s)
+        y = x.reshape(-1, c, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4)
+        return y.reshape(-1, c * s * s, h // s, w // s)
 
 
 def _reorg(s, ctx, cls):
@@ -285,7 +295,7 @@ def _reorg(s, ctx, cls):
     if stride < 1 or h % stride or w % stride or (cls is Reorg and c % (stride * stride)):
         raise s.error(f"stride={stride} must divide the {w}x{h} input" +
                       (f" and its channels/stride² ({c})" if cls is Reorg else ""), "stride")
-    return Built(cls(stride), (c * stride * stride, h // stride, w // stride))
+    return Built(cls(stride, ctx.prev), (c * stride * stride, h // stride, w // stride))
 
 
 @register("reorg")
@@ -369,7 +379,8 @@ class Shortcut(DarknetModule):
         out = x if w is None else x * w[0]
         for i, a in enumerate(adds):
             ca = min(c, a.shape[1])
-            term = a[:, :ca] if w is None else a[:, :ca] * w[i + 1][:, :ca]
+            a = a if ca == a.shape[1] else a[:, :ca]
+            term = a if w is None else a * w[i + 1][:, :ca]
             out = out + term if ca == c else torch.cat([out[:, :ca] + term, out[:, ca:]], 1)
         return self.act(out)
 

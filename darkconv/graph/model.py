@@ -92,7 +92,7 @@ class DarknetModel(nn.Module):
             arr = reader.take(t.numel(), i, s.type, name)
             if flipped or conn_t:  # stored as (in, out): transpose to (out, in)
                 arr = arr.reshape(-1, t.shape[0]).T
-            t.copy_(torch.from_numpy(np.ascontiguousarray(arr)).view(t.shape))
+            t.copy_(torch.from_numpy(np.ascontiguousarray(arr)).view(t.shape))  # buffer is writable
         reader.finish()
         self.spec = ModelSpec(self.spec.width, self.spec.height, self.spec.channels, self.spec.letter_box,
                               self.spec.heads, self.spec.names, {**self.spec.source, "weights": str(path)})

@@ -1,0 +1,258 @@
+"""Image preprocessing exactly as Darknet's ``detector test`` does it.
+
+Darknet (AlexeyAB, ``src/detector.c`` ``test_detector``) does, for every image:
+
+1. ``load_image(path, 0, 0, 3)``: with OpenCV builds ``cv::imread(path, IMREAD_COLOR)``
+   (so EXIF orientation is applied, grey/alpha images become 3-channel), BGR -> RGB, then
+   ``mat_to_image``: ``u8 / 255.0f`` into a planar float32 C x H x W image.
+2. ``letterbox_image(im, net.w, net.h)`` when ``letter_box=1`` in ``[net]`` or the
+   ``-letter_box`` flag is given, else ``resize_image(im, net.w, net.h)``. Both work on
+   the float image (conversion to float happens *before* resizing).
+
+``resize_image`` (``src/image.c``) is Darknet's own separable bilinear filter: a
+horizontal pass into a ``new_w x im.h`` "part" image, then a vertical pass, with
+``w_scale = (float)(im.w-1)/(w-1)`` and ``h_scale = (float)(im.h-1)/(h-1)``, all in
+float32. Its edge handling is reproduced bit for bit:
+
+* the last output column copies the last input column (no interpolation);
+* every output row first gets ``(1-dy)*part[iy]``; the ``dy*part[iy+1]`` term is added
+  afterwards, except on the last output row, which keeps only ``(1-dy)*part[iy]``;
+* a same-size resize is a plain copy.
+
+No mean/std normalisation: the network sees RGB in [0, 1].
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import ImageError
+
+__all__ = ["load_image", "to_float", "resize", "letterbox", "letterbox_geometry",
+           "preprocess", "preprocess_batch"]
+
+_F32 = np.float32
+
+
+# --------------------------------------------------------------------------- loading
+def load_image(path) -> np.ndarray:
+    """Read an image file as H x W x 3 uint8 RGB, as Darknet's OpenCV loader does.
+
+    Raises :class:`ImageError` (one line: the path and the reason) when the file is
+    missing, unreadable, empty, or cannot be decoded.
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise ImageError("image file not found", file=p)
+    if os.path.isdir(p):
+        raise ImageError("is a directory, not an image file", file=p)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise ImageError(f"cannot read the file ({exc.strerror or exc})", file=p) from None
+    if not head:
+        raise ImageError("file is empty", file=p)
+    if head.startswith(b"version https://git-lfs"):
+        raise ImageError("file is a Git LFS pointer, not the image itself (run `git lfs pull`)",
+                         file=p)
+    import cv2  # decoding only
+
+    try:
+        bgr = cv2.imread(p, cv2.IMREAD_COLOR)
+    except cv2.error as exc:  # pragma: no cover - OpenCV rarely raises here
+        raise ImageError(f"OpenCV cannot decode the file ({str(exc).strip().splitlines()[-1]})",
+                         file=p) from None
+    if bgr is None:
+        # cv2.imread cannot open some paths (e.g. non-ASCII on Windows): try from memory.
+        try:
+            buf = np.fromfile(p, dtype=np.uint8)
+            bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        except (OSError, cv2.error):
+            bgr = None
+    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.size == 0:
+        raise ImageError("cannot decode the image (corrupt, truncated or unsupported format)",
+                         file=p)
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def to_float(image_u8: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 -> 3 x H x W float32 in [0, 1] (Darknet's ``mat_to_image``: u8 / 255.0f)."""
+    im = _check_u8_hwc(image_u8)
+    return np.ascontiguousarray(im.transpose(2, 0, 1)).astype(_F32) / _F32(255.0)
+
+
+def _check_u8_hwc(image) -> np.ndarray:
+    im = np.asarray(image)
+    if im.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 H x W x 3 RGB image, got dtype {im.dtype}")
+    if im.ndim == 2:
+        im = np.repeat(im[:, :, None], 3, axis=2)  # grey -> 3 channels, as IMREAD_COLOR
+    if im.ndim != 3 or im.shape[2] != 3:
+        raise ValueError(f"expected a uint8 H x W x 3 RGB image, got shape {im.shape}")
+    if im.shape[0] < 1 or im.shape[1] < 1:
+        raise ValueError(f"empty image of shape {im.shape}")
+    return im
+
+
+# --------------------------------------------------------------------------- layout helpers
+def _to_chw(image: np.ndarray, layout: str) -> tuple[np.ndarray, str]:
+    """View ``image`` as (C, H, W); returns the view and the layout it came in."""
+    im = np.asarray(image)
+    if im.ndim == 2:
+        return im[None], "hw"
+    if im.ndim != 3:
+        raise ValueError(f"expected a 2-D or 3-D image array, got shape {im.shape}")
+    if layout == "auto":
+        c_first, c_last = im.shape[0] <= 4, im.shape[2] <= 4
+        if c_first and not c_last:
+            layout = "chw"
+        elif c_last and not c_first:
+            layout = "hwc"
+        else:
+            raise ValueError(f"cannot tell whether shape {im.shape} is CHW or HWC; "
+                             "pass layout='chw' or layout='hwc'")
+    if layout == "chw":
+        return im, "chw"
+    if layout == "hwc":
+        return im.transpose(2, 0, 1), "hwc"
+    raise ValueError(f"layout must be 'auto', 'chw' or 'hwc', not {layout!r}")
+
+
+def _from_chw(im: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "hw":
+        return im[0]
+    if layout == "hwc":
+        return np.ascontiguousarray(im.transpose(1, 2, 0))
+    return im
+
+
+# --------------------------------------------------------------------------- resize
+def _resize_chw(im: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Darknet ``resize_image`` on a float32 (C, H, W) array, vectorised, bit-exact."""
+    c, ih, iw = im.shape
+    if iw == w and ih == h:
+        return im.astype(_F32, copy=True)
+    if w < 0 or h < 0:
+        raise ValueError(f"resize target must be non-negative, got {w}x{h}")
+    if w == 0 or h == 0 or c == 0:
+        return np.zeros((c, h, w), _F32)
+    one = _F32(1.0)
+
+    # horizontal pass: (C, ih, iw) -> part (C, ih, w)
+    if iw == 1:
+        part = np.repeat(im[:, :, :1], w, axis=2)
+    else:
+        # (float)(im.w - 1) / (w - 1); w == 1 never uses the scale (last column rule)
+        w_scale = _F32(iw - 1) / _F32(w - 1) if w > 1 else _F32(0.0)
+        sx = np.arange(w, dtype=_F32) * w_scale            # c * w_scale, float32
+        ix = sx.astype(np.int64)                           # (int) sx, truncation
+        dx = sx - ix.astype(_F32)
+        ix0 = np.minimum(ix, iw - 1)
+        ix1 = np.minimum(ix + 1, iw - 1)                   # Darknet never reads past the edge
+        part = (one - dx) * im[:, :, ix0] + dx * im[:, :, ix1]
+        part[:, :, w - 1] = im[:, :, iw - 1]               # last column: plain copy
+
+    # vertical pass: part (C, ih, w) -> resized (C, h, w)
+    # h == 1 would make Darknet divide by zero (undefined); darkconv uses scale 0 there.
+    h_scale = _F32(ih - 1) / _F32(h - 1) if h > 1 else _F32(0.0)
+    sy = np.arange(h, dtype=_F32) * h_scale
+    iy = sy.astype(np.int64)
+    dy = sy - iy.astype(_F32)
+    iy0 = np.minimum(iy, ih - 1)
+    out = (one - dy)[None, :, None] * part[:, iy0, :]     # set_pixel: (1-dy) * part[iy]
+    if ih != 1 and h > 1:
+        rows = slice(0, h - 1)                             # the last row gets no second term
+        iy1 = np.minimum(iy[rows] + 1, ih - 1)
+        out[:, rows, :] += dy[rows][None, :, None] * part[:, iy1, :]   # add_pixel
+    return out
+
+
+def resize(image: np.ndarray, w: int, h: int, layout: str = "auto") -> np.ndarray:
+    """Darknet's ``resize_image`` (``src/image.c``): float32 separable bilinear.
+
+    ``image`` is float (C x H x W, H x W x C or H x W); the result has the same layout,
+    size ``w`` x ``h``, dtype float32. Equal to a loop transcription of the C code bit for bit.
+    """
+    chw, lay = _to_chw(image, layout)
+    out = _resize_chw(np.asarray(chw, dtype=_F32), int(w), int(h))
+    return _from_chw(out, lay)
+
+
+# --------------------------------------------------------------------------- letterbox
+def _c_div(a: int, b: int) -> int:
+    """C integer division (truncation toward zero)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def letterbox_geometry(image_w: int, image_h: int, net_w: int, net_h: int) -> tuple[int, int, int, int]:
+    """``(new_w, new_h, dx, dy)`` of Darknet's ``letterbox_image``.
+
+    ``new_*`` use integer arithmetic after a float32 aspect comparison
+    (``(float)w/im.w < (float)h/im.h``); ``dx = (w-new_w)/2``, ``dy = (h-new_h)/2`` (C ints).
+    The same ``new_w``/``new_h`` are used by ``correct_yolo_boxes``.
+    """
+    if (_F32(net_w) / _F32(image_w)) < (_F32(net_h) / _F32(image_h)):
+        new_w, new_h = int(net_w), _c_div(image_h * net_w, image_w)
+    else:
+        new_h, new_w = int(net_h), _c_div(image_w * net_h, image_h)
+    return new_w, new_h, _c_div(net_w - new_w, 2), _c_div(net_h - new_h, 2)
+
+
+def _letterbox_chw(im: np.ndarray, w: int, h: int) -> np.ndarray:
+    c, ih, iw = im.shape
+    new_w, new_h, dx, dy = letterbox_geometry(iw, ih, w, h)
+    boxed = np.full((c, h, w), 0.5, dtype=_F32)            # fill_image(boxed, .5)
+    if new_w <= 0 or new_h <= 0:
+        return boxed
+    resized = _resize_chw(im, new_w, new_h)
+    # embed_image: set_pixel silently ignores pixels outside the canvas
+    x0, y0 = max(dx, 0), max(dy, 0)
+    x1, y1 = min(dx + new_w, w), min(dy + new_h, h)
+    if x1 > x0 and y1 > y0:
+        boxed[:, y0:y1, x0:x1] = resized[:, y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+    return boxed
+
+
+def letterbox(image: np.ndarray, w: int, h: int, layout: str = "auto") -> np.ndarray:
+    """Darknet's ``letterbox_image``: aspect-preserving ``resize_image`` centred on a 0.5 canvas."""
+    chw, lay = _to_chw(image, layout)
+    out = _letterbox_chw(np.asarray(chw, dtype=_F32), int(w), int(h))
+    return _from_chw(out, lay)
+
+
+# --------------------------------------------------------------------------- pipeline
+def _size(size) -> tuple[int, int]:
+    try:
+        w, h = size
+        w, h = int(w), int(h)
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be (width, height), got {size!r}") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"size must be positive, got {w}x{h}")
+    return w, h
+
+
+def preprocess(image: np.ndarray, size: Sequence[int], letterbox: bool = False) -> np.ndarray:
+    """uint8 H x W x 3 RGB -> float32 (3, H, W) network input, exactly as ``detector test``.
+
+    ``size`` is the network (width, height). ``letterbox`` selects ``letterbox_image``
+    (``letter_box=1`` / ``-letter_box``), otherwise ``resize_image`` stretches.
+    """
+    w, h = _size(size)
+    im = to_float(image)
+    out = _letterbox_chw(im, w, h) if letterbox else _resize_chw(im, w, h)
+    return np.ascontiguousarray(out, dtype=_F32)
+
+
+def preprocess_batch(images: Iterable[np.ndarray], size: Sequence[int],
+                     letterbox: bool = False) -> np.ndarray:
+    """Several uint8 RGB images -> float32 (N, 3, H, W)."""
+    w, h = _size(size)
+    outs = [preprocess(im, (w, h), letterbox) for im in images]
+    if not outs:
+        return np.zeros((0, 3, h, w), _F32)
+    return np.stack(outs)

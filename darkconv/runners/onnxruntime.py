@@ -1,0 +1,47 @@
+"""ONNX Runtime backend for darkconv's ONNX files (CPU; CUDA/TensorRT execution providers when present)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import BackendUnavailable
+from .base import Runner
+
+
+class OnnxRuntimeRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path, *, threads: int | None = None, providers: list[str] | None = None):
+        self.path = str(onnx_path)
+        self.threads, self.providers = threads, providers
+        from ..export.onnx import read_spec
+
+        self.spec = read_spec(self.path)
+
+    def activate(self):
+        try:
+            import onnxruntime as ort
+        except ImportError:  # pragma: no cover
+            raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime") from None
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = int(self.threads or os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        available = ort.get_available_providers()
+        providers = self.providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(self.path, so, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def deactivate(self):
+        self.session = None
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        x = np.ascontiguousarray(batch, np.float32)
+        return self.session.run(self.output_names, {self.input_name: x})
+
+    def describe(self) -> str:
+        prov = self.session.get_providers()[0] if getattr(self, "session", None) else "?"
+        return f"onnxruntime ({prov})"

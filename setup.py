@@ -1,0 +1,34 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+for line in Path("darkconv/__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        exec(line, version)
+
+setup(
+    name="darkconv",
+    version=version["__version__"],
+    description="Darknet YOLO (.cfg + .weights) to PyTorch, ONNX (FP32/FP16/INT8) and TensorRT, exact to Darknet",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["darkconv", "darkconv.*"]),
+    package_data={"darkconv": ["data/*"]},
+    install_requires=[
+        "numpy>=1.24,<3",
+        "torch>=2.4",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "click>=8.1",
+        "opencv-python-headless>=4.8,<5",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "trt": ["tensorrt>=10.0", "cuda-python>=12.0"],
+        "plot": ["matplotlib>=3.7"],
+        "dev": ["pytest>=7", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["darkconv=darkconv.cli:main"]},
+)
