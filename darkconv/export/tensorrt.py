@@ -159,7 +159,7 @@ def _norm_batch(batch) -> tuple[int, int, int]:
 def make_sidecar(spec: ModelSpec, *, precision: str, batch=(1, 1, 1), trt_version: str, gpu: str, cc: str,
                  cfg_sha256: str | None = None, weights_sha256: str | None = None,
                  onnx_sha256: str | None = None, engine_sha256: str | None = None) -> dict:
-    """The metadata written beside an engine (pure: no I/O)."""
+    """The metadata written beside an engine (pure: no I/O; JSON types only)."""
     b = _norm_batch(batch)
     d = {
         "darkconv": __version__,
@@ -175,7 +175,7 @@ def make_sidecar(spec: ModelSpec, *, precision: str, batch=(1, 1, 1), trt_versio
     }
     if engine_sha256 is not None:
         d["engine_sha256"] = engine_sha256
-    return d
+    return json.loads(json.dumps(d))  # JSON-normalised (tuples -> lists): equal to what read_sidecar returns
 
 
 def write_sidecar(path, sidecar: dict) -> None:
@@ -303,8 +303,12 @@ def build_engine(onnx_path, engine_path, spec: ModelSpec, precision: str, batch=
 
     ``precision`` is recorded, not applied: the network is strongly typed, so the
     ONNX's own dtypes decide it (feed the FP16 export or the INT8 Q/DQ export).
-    ``batch`` is (min, opt, max) of the one optimization profile. Returns the sidecar.
+    ``batch`` is (min, opt, max) of the one optimization profile (an int n means (n, n, n)).
+    ``source`` may give ``cfg_sha256``/``weights_sha256`` or ``cfg``/``weights`` paths to hash
+    (default: the paths in ``spec.source``). ``log=None`` is silent. Returns the sidecar.
     """
+    if log is None:
+        log = lambda *_a, **_k: None  # noqa: E731
     precision = str(precision).lower()
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}: choose from {', '.join(PRECISIONS)}")

@@ -88,6 +88,16 @@ def _blur_kernel(n: int, antialiasing: int) -> torch.Tensor:
     return k.expand(n, 1, *k.shape).contiguous()
 
 
+def _blur(n: int, antialiasing: int, stride: tuple[int, int], h: int, w: int):
+    """The depthwise blur Darknet appends for ``antialiasing`` (make_convolutional_layer /
+    make_maxpool_layer): 3x3 [1,2,1]x[1,2,1]/16 with padding 1, or for antialiasing=2 a 2x2 mean with
+    padding 0, carrying the layer's stride. Returns (kernel, stride, pad) and the blurred (h, w)."""
+    size, pad = (2, 0) if antialiasing == 2 else (3, 1)
+    sy, sx = stride
+    return (_blur_kernel(n, antialiasing), (sy, sx), pad), ((h + 2 * pad - size) // sy + 1,
+                                                             (w + 2 * pad - size) // sx + 1)
+
+
 @register("convolutional")
 def build_convolutional(s, ctx: BuildContext) -> Built:
     c, h, w = ctx.prev
@@ -103,8 +113,10 @@ def build_convolutional(s, ctx: BuildContext) -> Built:
         dilation = 1
     padding = size // 2 if s.int("pad", 0) else s.int("padding", 0)
     antialiasing = s.int("antialiasing", 0)
-    for key in ("share_index", "binary", "xnor", "deform", "sway", "rotate", "stretch", "stretch_sway"):
-        if s.int(key, 0 if key != "share_index" else -1000000) not in (0, -1000000):
+    if s.has("share_index"):  # any value (0 too) shares another layer's weights; none are in the file
+        raise s.error("option share_index is not supported by darkconv", "share_index")
+    for key in ("binary", "xnor", "deform", "sway", "rotate", "stretch", "stretch_sway"):
+        if s.int(key, 0):
             raise s.error(f"option {key} is not supported by darkconv", key)
     if n < 1 or size < 1 or groups < 1 or sx < 1 or sy < 1 or dilation < 1:
         raise s.error("filters, size, groups, stride and dilation must be positive")
@@ -114,6 +126,11 @@ def build_convolutional(s, ctx: BuildContext) -> Built:
         stride_conv = (1, 1)
     else:
         stride_conv = (sy, sx)
+    if size == 1 and stride_conv[1] == 1 and (padding or stride_conv[0] != 1):
+        # forward_convolutional_layer feeds the input straight to the GEMM when size, l.stride (= stride_x)
+        # and dilation are 1, ignoring padding and stride_y: Darknet's output would be garbage.
+        raise s.error(f"size=1 with padding={padding}, stride_x=1, stride_y={stride_conv[0]}: Darknet ignores "
+                      "padding and stride_y here (it reads past its buffer); use padding=0 and equal strides")
     oh = (h + 2 * padding - size) // stride_conv[0] + 1  # convolutional_out_height
     ow = (w + 2 * padding - size) // stride_conv[1] + 1
     th = (h + 2 * padding * dilation - dilation * (size - 1) - 1) // stride_conv[0] + 1
@@ -123,11 +140,9 @@ def build_convolutional(s, ctx: BuildContext) -> Built:
                       f"for a {w}x{h} input")
     blur = None
     if antialiasing:
-        bsize = 2 if antialiasing == 2 else 3
-        bpad = bsize // 2
-        blur = (_blur_kernel(n, antialiasing), (sy, sx), bpad)
-        oh = (oh + 2 * bpad - bsize) // sy + 1
-        ow = (ow + 2 * bpad - bsize) // sx + 1
+        blur, (oh, ow) = _blur(n, antialiasing, (sy, sx), oh, ow)
+        if oh < 1 or ow < 1:
+            raise s.error(f"antialiasing={antialiasing} with stride {sx}x{sy} gives an empty output", "antialiasing")
     bn = bool(s.int("batch_normalize", 0))
     mod = Convolutional(c, n, size, stride_conv, padding, dilation, groups, bn,
                         activation(s, default="logistic"), blur)
@@ -142,12 +157,19 @@ def _replicate_pad(x, lo: int, hi: int):
     return torch.cat([x[:, :, :, :1]] * lo + [x] + [x[:, :, :, -1:]] * hi, 3)
 
 
-class MaxPool(DarknetModule):
-    """[maxpool]: padded cells never win (edge padding == Darknet's -FLT_MAX for any window with a real cell)."""
+FLT_MAX = 3.4028234663852886e38  # Darknet's value for padded cells (a window of padding only yields -FLT_MAX)
 
-    def __init__(self, size, stride, padding, depth_out: int = 0):
+
+class MaxPool(DarknetModule):
+    """[maxpool]: padded cells never win (edge padding == Darknet's -FLT_MAX for any window with a real cell).
+
+    ``blur`` (antialiasing): Darknet pools at stride 1, then applies the fixed depthwise blur with the stride.
+    """
+
+    def __init__(self, size, stride, padding, depth_out: int = 0, blur=None):
         super().__init__()
         self.size, self.stride, self.padding, self.depth_out = size, stride, padding, depth_out
+        self.blur = blur
 
     def forward(self, x):
         if self.depth_out:  # maxpool_depth: output channel g = max over channels g, g+out_c, ...
@@ -162,28 +184,41 @@ class MaxPool(DarknetModule):
             if pr < self.size and pl < self.size:  # edge replication: Slice+Concat in ONNX, no Pad op
                 x = _replicate_pad(x, pl, pr)
             else:
-                x = F.pad(x, (pl, pr, pl, pr), value=float("-inf"))
-        return F.max_pool2d(x, self.size, self.stride)
+                x = F.pad(x, (pl, pr, pl, pr), value=-FLT_MAX)
+        y = F.max_pool2d(x, self.size, self.stride)
+        if self.blur is not None:
+            kernel, stride, pad = self.blur
+            y = F.conv2d(y, kernel.to(y.dtype), None, stride, pad, 1, y.shape[1])
+        return y
 
 
 @register("maxpool")
 def build_maxpool(s, ctx: BuildContext) -> Built:
     c, h, w = ctx.prev
-    size = s.int("size", 1)
     stride = s.int("stride", 1)
     sx, sy = s.int("stride_x", stride), s.int("stride_y", stride)
+    size = s.int("size", stride)  # parse_maxpool: size defaults to stride
     padding = s.int("padding", size - 1)
-    if s.int("antialiasing", 0):
-        raise s.error("maxpool antialiasing is not supported by darkconv", "antialiasing")
+    antialiasing = s.int("antialiasing", 0)
+    if size < 1 or sx < 1 or sy < 1 or padding < 0:
+        raise s.error("size and strides must be positive, padding not negative")
     if s.int("maxpool_depth", 0):
         out_c = s.int("out_channels", 1)
         if not 1 <= out_c <= c:
             raise s.error(f"out_channels={out_c} must be between 1 and the input channels {c}", "out_channels")
+        if antialiasing:
+            raise s.error("maxpool_depth with antialiasing is not supported by darkconv", "antialiasing")
         return Built(MaxPool(size, (1, 1), 0, out_c), (out_c, h, w))
-    oh, ow = (h + padding - size) // sy + 1, (w + padding - size) // sx + 1
+    pool_stride = (1, 1) if antialiasing else (sy, sx)  # the blur carries the stride
+    oh, ow = (h + padding - size) // pool_stride[0] + 1, (w + padding - size) // pool_stride[1] + 1
     if oh < 1 or ow < 1:
         raise s.error(f"size={size} is larger than the {w}x{h} input", "size")
-    return Built(MaxPool(size, (sy, sx), padding), (c, oh, ow))
+    blur = None
+    if antialiasing:
+        blur, (oh, ow) = _blur(c, antialiasing, (sy, sx), oh, ow)
+        if oh < 1 or ow < 1:
+            raise s.error(f"antialiasing={antialiasing} with stride {sx}x{sy} gives an empty output", "antialiasing")
+    return Built(MaxPool(size, pool_stride, padding, 0, blur), (c, oh, ow))
 
 
 class LocalAvgPool(DarknetModule):
@@ -205,13 +240,16 @@ class LocalAvgPool(DarknetModule):
 @register("local_avgpool")
 def build_local_avgpool(s, ctx: BuildContext) -> Built:
     c, h, w = ctx.prev
-    size = s.int("size", 1)
     stride = s.int("stride", 1)
     sx, sy = s.int("stride_x", stride), s.int("stride_y", stride)
+    size = s.int("size", stride)  # parse_local_avgpool: size defaults to stride
     padding = s.int("padding", size - 1)
+    if size < 1 or sx < 1 or sy < 1 or padding < 0:
+        raise s.error("size and strides must be positive, padding not negative")
     oh, ow = (h + padding - size) // sy + 1, (w + padding - size) // sx + 1
-    if oh < 1 or ow < 1:
-        raise s.error(f"size={size} is larger than the {w}x{h} input", "size")
+    if oh < 1 or ow < 1 or padding // 2 >= size or padding - padding // 2 >= size:
+        raise s.error(f"size={size} padding={padding} gives windows without any input cell for a {w}x{h} "
+                      "input (Darknet divides by zero there)", "size")
     return Built(LocalAvgPool(size, (sy, sx), padding), (c, oh, ow))
 
 

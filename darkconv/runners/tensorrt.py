@@ -35,6 +35,20 @@ def _volume(shape) -> int:
     return n
 
 
+_NP_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
+             "BOOL": np.bool_, "UINT8": np.uint8}
+
+
+def _nptype(trt, dt) -> np.dtype:
+    """numpy dtype of a TensorRT DataType (``trt.nptype`` where the bindings still have it)."""
+    if hasattr(trt, "nptype"):
+        return np.dtype(trt.nptype(dt))
+    name = getattr(dt, "name", str(dt)).rsplit(".", 1)[-1]
+    if name not in _NP_TYPES:
+        raise DarkconvError(f"TensorRT tensor type {name} has no numpy equivalent")
+    return np.dtype(_NP_TYPES[name])
+
+
 class _Buffer:
     """One I/O tensor: a device buffer and a pinned host buffer of ``capacity`` elements."""
 
@@ -83,7 +97,7 @@ class TensorRTRunner(Runner):
         self.cfg_sha256, self.weights_sha256 = cfg_sha256, weights_sha256
         self.sidecar: dict | None = None
         self._trt = self._cudart = None
-        self._runtime = self._engine = self._context = self._stream = None
+        self._logger = self._runtime = self._engine = self._context = self._stream = None
         self._buffers: dict[str, _Buffer] = {}
         self._outputs: list[str] = []   # output tensor names in spec.heads order
         self._batch_range = (1, 1)
@@ -158,7 +172,7 @@ class TensorRTRunner(Runner):
         if not self._context.set_input_shape(INPUT_NAME, max_shape):
             raise DarkconvError(f"TensorRT refused input shape {list(max_shape)}", file=where)
         for n in names:
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
+            dtype = _nptype(trt, engine.get_tensor_dtype(n))
             shape = tuple(int(d) for d in self._context.get_tensor_shape(n))
             if any(d < 0 for d in shape):
                 raise DarkconvError(f"cannot size output {n!r}: shape {list(shape)} depends on data", file=where)
@@ -180,7 +194,7 @@ class TensorRTRunner(Runner):
         # context before engine before runtime
         self._context = None
         self._engine = None
-        self._runtime = None
+        self._runtime = self._logger = None
 
     # -- inference ---------------------------------------------------------------------------
     @property

@@ -1,0 +1,298 @@
+"""The ``darkconv`` command line: convert, detect, parity, bench, demo.
+
+Errors from darkconv (bad cfg, wrong weights, missing backend, unreadable image)
+are printed as one line naming the file/line/layer and the fix, with a non-zero exit.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import DarkconvError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _die(msg: str, code: int = 1):
+    click.echo(f"darkconv: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except DarkconvError as e:
+            _die(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _die("interrupted", 130)
+    return wrapper
+
+
+def progress(**kw):
+    from tqdm import tqdm
+
+    return functools.partial(tqdm, file=sys.stderr, disable=None, dynamic_ncols=True, **kw)
+
+
+def parse_size(value):
+    if value is None:
+        return None, None
+    try:
+        w, _, h = value.lower().partition("x")
+        w, h = int(w), int(h or w)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected WxH, e.g. 416x416") from None
+    if w % 32 or h % 32 or w <= 0 or h <= 0:
+        raise click.BadParameter(f"{value!r}: width and height must be positive multiples of 32")
+    return w, h
+
+
+def parse_batch(value: str):
+    """'dynamic' | 'N' | 'MIN:OPT:MAX' -> (onnx batch, (min, opt, max))."""
+    v = value.strip().lower()
+    if v == "dynamic":
+        return "dynamic", (1, 1, 1)
+    try:
+        parts = [int(p) for p in v.split(":")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected dynamic, N or MIN:OPT:MAX") from None
+    if len(parts) == 1 and parts[0] > 0:
+        return parts[0], (parts[0],) * 3
+    if len(parts) == 3 and 0 < parts[0] <= parts[1] <= parts[2]:
+        return "dynamic", tuple(parts)
+    raise click.BadParameter(f"{value!r}: expected dynamic, N or MIN:OPT:MAX with 0 < MIN <= OPT <= MAX")
+
+
+def split_model_args(args, need_inputs=True):
+    """MODEL [WEIGHTS] INPUTS...: a cfg is followed by its .weights when one is given."""
+    args = list(args)
+    if not args:
+        raise click.UsageError("missing MODEL")
+    model, weights = args.pop(0), None
+    if Path(model).suffix.lower() == ".cfg" and args and Path(args[0]).suffix.lower() == ".weights":
+        weights = args.pop(0)
+    if not Path(model).exists():
+        raise DarkconvError("no such file", file=model)
+    if need_inputs and not args:
+        raise click.UsageError("missing IMAGE_OR_DIR")
+    return model, weights, args
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="darkconv")
+def main():
+    """Darknet YOLO models (.cfg + .weights) on PyTorch, ONNX Runtime and TensorRT, with Darknet's numbers."""
+
+
+# -- convert --------------------------------------------------------------------------------
+@main.command()
+@click.argument("cfg", type=click.Path(dir_okay=False))
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="ONNX path [default: CFG name + precision]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--calib", multiple=True, type=click.Path(exists=True),
+              help="INT8 calibration images: a directory, image files or a .txt list (repeatable)")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--int8-target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt",
+              show_default=True, help="tensorrt: symmetric S8S8 Q/DQ the TensorRT parser accepts; "
+                                      "onnxruntime: U8S8, faster on x86 CPUs")
+@click.option("--size", help="network input WxH [default: the cfg's width/height]")
+@click.option("--batch", default="dynamic", show_default=True,
+              help="ONNX batch: dynamic, N, or MIN:OPT:MAX (dynamic ONNX + TensorRT profile)")
+@click.option("--opset", type=click.IntRange(18, 21), default=18, show_default=True)
+@click.option("--names", type=click.Path(exists=True, dir_okay=False), help="class names to embed")
+@click.option("--engine", type=click.Path(dir_okay=False), help="also build a TensorRT engine here")
+@click.option("--workspace", type=float, default=4.0, show_default=True, help="TensorRT workspace (GB)")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read+written)")
+@handle_errors
+def convert(cfg, weights, output, precision, calib, calib_method, int8_target, size, batch, opset, names,
+            engine, workspace, timing_cache):
+    """Convert a Darknet CFG + WEIGHTS to ONNX (FP32/FP16/INT8 Q/DQ), and optionally a TensorRT engine."""
+    import darkconv
+    from .export.onnx import export_onnx
+    from .pipeline import read_names
+    from .zoo import sha256
+
+    width, height = parse_size(size)
+    onnx_batch, profile = parse_batch(batch)
+    if precision == "int8" and not calib:
+        raise click.UsageError("--precision int8 needs --calib DIR (images like the ones you will run on)")
+    if engine:
+        from .export.tensorrt import require_tensorrt
+        require_tensorrt()  # fail before writing anything
+    stem = Path(cfg).stem
+    output = Path(output or f"{stem}{'' if precision == 'fp32' else '-' + precision}.onnx")
+    t0 = time.perf_counter()
+    model = darkconv.load(cfg, weights, width=width, height=height)
+    t1 = time.perf_counter()
+    spec = model.spec
+    spec = spec.with_names(read_names(names)) if names else spec
+    spec.source.update({"cfg_sha256": sha256(Path(cfg)), "weights_sha256": sha256(Path(weights))})
+    click.echo(f"loaded {cfg} + {weights}: {len(model.layers)} layers, {model.count_floats():,} weights, "
+               f"input {spec.width}x{spec.height}, heads {[h.grid for h in spec.heads]} ({t1 - t0:.2f} s)")
+    pb = progress(desc="calibrating", unit="img") if precision == "int8" else None
+    export_onnx(model, output, precision=precision, batch=onnx_batch, opset=opset, spec=spec,
+                calib_images=list(calib) or None, calib_method=calib_method, int8_target=int8_target,
+                progress=pb)
+    t2 = time.perf_counter()
+    click.echo(f"wrote {output} ({precision}, {output.stat().st_size / 1e6:.1f} MB) in {t2 - t1:.2f} s")
+    if precision == "int8":
+        from .parity import int8_report
+        click.echo(int8_report(model, output, spec, list(calib), progress=progress(desc="INT8 vs FP32", unit="img")))
+    if engine:
+        from .export.tensorrt import build_engine
+        build_engine(output, engine, spec, precision, batch=profile, workspace_gb=workspace,
+                     timing_cache=timing_cache, source=spec.source, log=click.echo)
+        click.echo(f"wrote {engine} and {engine}.json")
+
+
+# -- detect ---------------------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("args", nargs=-1, required=True)
+@click.option("--backend", default=None, help="torch | onnxruntime | tensorrt | opencv [default: from MODEL]")
+@click.option("--thresh", type=float, default=0.25, show_default=True)
+@click.option("--nms", type=float, default=0.45, show_default=True, help="NMS threshold (0 disables)")
+@click.option("--letterbox/--no-letterbox", default=None, help="override the cfg's letter_box")
+@click.option("--names", type=click.Path(exists=True, dir_okay=False), help="class names file")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="write annotated images here")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write Darknet's -out JSON here")
+@click.option("--agnostic", is_flag=True, help="class-agnostic NMS (Darknet: per class)")
+@click.option("--max-det", type=int, default=None, help="keep at most N (box, class) pairs per image")
+@click.option("--size", help="network input WxH (cfg models)")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
+@handle_errors
+def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agnostic, max_det, size, batch,
+           threads):
+    """Detect objects: detect MODEL.cfg [MODEL.weights] IMAGE_OR_DIR...  |  detect MODEL.onnx|ENGINE IMAGE_OR_DIR..."""
+    from .detect import run_detect
+    from .pipeline import open_runner, resolve_names
+
+    model, weights, inputs = split_model_args(args)
+    width, height = parse_size(size)
+    runner = open_runner(model, weights, backend, threads=threads, width=width, height=height, log=click.echo)
+    with runner:
+        class_names = resolve_names(runner.spec, names)
+        results, t = run_detect(runner, inputs, class_names, thresh=thresh, nms=nms, letterbox=letterbox,
+                                agnostic=agnostic, max_det=max_det, out_dir=out_dir, json_path=json_path,
+                                batch=batch, progress=progress(desc="detect", unit="img") if len(inputs) > 1 or
+                                Path(inputs[0]).is_dir() else None)
+    failed = [r for r in results if r.error]
+    n = max(t.images, 1)
+    click.echo(f"{t.images} image(s) on {runner.describe()}: per image decode {t.decode / n * 1e3:.1f} ms, "
+               f"preprocess {t.preprocess / n * 1e3:.1f} ms, inference {t.inference / n * 1e3:.1f} ms, "
+               f"postprocess {t.postprocess / n * 1e3:.2f} ms")
+    if out_dir:
+        click.echo(f"annotated images in {out_dir}/")
+    if json_path:
+        click.echo(f"wrote {json_path}")
+    if failed:
+        _die(f"{len(failed)} of {len(results)} image(s) could not be read", 2)
+    if not results:
+        _die("no images found in " + ", ".join(inputs), 2)
+
+
+# -- parity ---------------------------------------------------------------------------------
+@main.command()
+@click.argument("cfg", type=click.Path(exists=True, dir_okay=False))
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False))
+@click.option("--backends", default="torch,onnxruntime", show_default=True,
+              help="comma list; the first is the reference (opencv = OpenCV DNN as an independent check)")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="precision of the exported backends (torch and opencv stay FP32)")
+@click.option("--images", multiple=True, type=click.Path(exists=True),
+              help="images or directories [default: darkconv's bundled sample images]")
+@click.option("--thresh", type=float, default=0.25, show_default=True)
+@click.option("--nms", type=float, default=0.45, show_default=True)
+@click.option("--size", help="network input WxH")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--tol-head", type=float, default=None, help="max relative head error [default per precision]")
+@click.option("--tol-score", type=float, default=None, help="max |Δscore| [default per precision]")
+@click.option("--threads", type=int, default=None)
+@handle_errors
+def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, tol_head, tol_score, threads):
+    """Run the same images through several backends and compare heads and detections."""
+    import tempfile
+
+    from .parity import load_images, run_parity
+    from .pipeline import DATA, open_runner
+
+    width, height = parse_size(size)
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    if len(names) < 2:
+        raise click.BadParameter("give at least two backends", param_hint="--backends")
+    imgs, files = load_images(images or [DATA])
+    runners, precisions = [], []
+    with tempfile.TemporaryDirectory(prefix="darkconv-parity-") as tmp:
+        for b in names:
+            from .runners import canonical
+            b = canonical(b)
+            p = precision if b in ("onnxruntime", "tensorrt") else "fp32"
+            if b == "onnxruntime" and precision == "int8":
+                r = _int8_runner(cfg, weights, files, tmp, width, height, threads)
+            else:
+                r = open_runner(cfg, weights, b, threads=threads, width=width, height=height, precision=p,
+                                workdir=tmp)
+            runners.append(r)
+            precisions.append(p)
+        for r in runners:
+            r.activate()
+        try:
+            report = run_parity(runners, imgs, precisions=precisions, thresh=thresh, nms=nms,
+                                tol_head=tol_head, tol_score=tol_score, batch=batch, log=click.echo)
+        finally:
+            for r in runners:
+                r.deactivate()
+    click.echo(f"\n{report.images} image(s), reference {report.reference}:\n" + report.table())
+    if not report.ok:
+        _die("backends disagree beyond tolerance (see table)", 1)
+
+
+def _int8_runner(cfg, weights, calib, tmp, width, height, threads):
+    import darkconv
+    from .export.onnx import export_onnx
+    from .runners import runner_class
+
+    out = Path(tmp) / "model-int8.onnx"
+    export_onnx(darkconv.load(cfg, weights, width=width, height=height), out, precision="int8",
+                calib_images=calib, int8_target="onnxruntime")
+    return runner_class("onnxruntime")(out, threads=threads)
+
+
+# -- demo -----------------------------------------------------------------------------------
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="darkconv-demo", show_default=True)
+@click.option("--threads", type=int, default=None)
+@handle_errors
+def demo(out_dir, threads):
+    """The bundled default model end to end: fetch yolov3-tiny (COCO), convert to ONNX, detect on sample images."""
+    from .detect import run_detect
+    from .pipeline import DATA, open_runner, resolve_names
+    from .zoo import default_model
+
+    files = default_model(log=click.echo)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "yolov3-tiny.onnx"
+    ctx = click.get_current_context()
+    ctx.invoke(convert, cfg=str(files.cfg), weights=str(files.weights), output=str(onnx_path), precision="fp32",
+               calib=(), calib_method="minmax", int8_target="tensorrt", size=None, batch="dynamic", opset=18,
+               names=str(files.names), engine=None, workspace=4.0, timing_cache=None)
+    with open_runner(onnx_path, threads=threads) as runner:
+        names = resolve_names(runner.spec)
+        results, t = run_detect(runner, [DATA], names, out_dir=out / "predictions",
+                                json_path=out / "result.json")
+    click.echo(f"annotated images in {out / 'predictions'}/, Darknet JSON in {out / 'result.json'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
