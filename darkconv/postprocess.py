@@ -367,8 +367,10 @@ def _candidate_pairs(boxes: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndar
         if idx.size < 2:
             return np.concatenate(us), np.concatenate(vs)
     n = idx.size
-    x, y, w, h = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     eps = 1e-6 * max(1.0, float(np.abs(b).max()))        # > a few float32 ulps of any corner
+    # sizes inflated by the float32 slop of Darknet's corner arithmetic: every bound
+    # below is then also a bound for the float32 IoU, even for sub-ulp boxes
+    x, y, w, h = b[:, 0], b[:, 1], b[:, 2] + 4 * eps, b[:, 3] + 4 * eps
 
     q = min(float(thr), 0.99) * (1.0 - 1e-6)              # conservative ratio bound
     lq = math.log(q)

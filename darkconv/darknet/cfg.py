@@ -19,7 +19,7 @@ SECTION_ALIASES = {
     "conv": "convolutional", "convolutional": "convolutional",
     "max": "maxpool", "maxpool": "maxpool",
     "avg": "avgpool", "avgpool": "avgpool",
-    "local_avgpool": "local_avgpool",
+    "local_avg": "local_avgpool", "local_avgpool": "local_avgpool",
     "conn": "connected", "connected": "connected",
     "soft": "softmax", "softmax": "softmax",
     "route": "route", "shortcut": "shortcut", "upsample": "upsample",
@@ -143,7 +143,8 @@ def parse_cfg(path: str | Path, text: str | None = None) -> Cfg:
         for c in "#;":  # inline comment (Darknet would choke on it silently)
             if c in value:
                 value = value.split(c, 1)[0]
-        current.options[key.lower()] = (value, lineno)
+        # option_find returns the first match: a repeated key keeps its first value
+        current.options.setdefault(key.lower(), (value, lineno))
     if not sections:
         raise CfgError("no sections found: is this a Darknet .cfg?", file=path)
     if sections[0].type != "net":

@@ -74,6 +74,16 @@ def trt_available() -> str | None:
     return str(getattr(trt, "__version__", "unknown"))
 
 
+def require_tensorrt() -> tuple[str, str, str]:
+    """(TensorRT version, GPU name, compute capability), or BackendUnavailable saying what is missing.
+
+    The CLI calls this before any work, so a missing TensorRT/GPU leaves nothing half-written.
+    """
+    trt = _import_tensorrt()
+    name, cc = gpu_info()
+    return str(getattr(trt, "__version__", "unknown")), name, cc
+
+
 # -- CUDA helpers (shared with the runner) ---------------------------------------------
 def _err_name(err) -> str:
     return getattr(err, "name", None) or str(err)

@@ -40,7 +40,9 @@ ACTIVATIONS = {
     "linear": lambda x: x,
     "logistic": torch.sigmoid,
     "leaky": lambda x: F.leaky_relu(x, 0.1),
+    "revleaky": lambda x: F.leaky_relu(x, 0.1),  # activate(): same forward as leaky
     "relu": torch.relu,
+    # Darknet's CPU activate() has no RELU6 case (it returns 0); its CUDA kernel clamps to [0, 6]: we follow the GPU
     "relu6": lambda x: torch.clamp(x, 0, 6),
     "tanh": torch.tanh,
     "swish": lambda x: x * torch.sigmoid(x),

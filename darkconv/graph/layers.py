@@ -247,7 +247,8 @@ def build_local_avgpool(s, ctx: BuildContext) -> Built:
     if size < 1 or sx < 1 or sy < 1 or padding < 0:
         raise s.error("size and strides must be positive, padding not negative")
     oh, ow = (h + padding - size) // sy + 1, (w + padding - size) // sx + 1
-    if oh < 1 or ow < 1 or padding // 2 >= size or padding - padding // 2 >= size:
+    if oh < 1 or ow < 1 or padding // 2 >= size or (ow - 1) * sx - padding // 2 >= w \
+            or (oh - 1) * sy - padding // 2 >= h:
         raise s.error(f"size={size} padding={padding} gives windows without any input cell for a {w}x{h} "
                       "input (Darknet divides by zero there)", "size")
     return Built(LocalAvgPool(size, (sy, sx), padding), (c, oh, ow))
@@ -382,6 +383,16 @@ def build_route(s, ctx: BuildContext) -> Built:
     return Built(Route(groups, group_id), (c, shapes[0][1], shapes[0][2]), inputs=idx)
 
 
+def _elementwise_activation(s, default: str = "linear") -> Activation:
+    """Activation of a non-convolutional layer. Darknet computes normalize_channels* only in
+    [convolutional] (activate_array has no case for them: it writes 0), so they are refused elsewhere."""
+    act = activation(s, default=default)
+    if act.name.startswith("normalize_channels"):
+        raise s.error(f"activation={act.name} is only computed by Darknet in [convolutional] layers "
+                      "(elsewhere it outputs zeros)", "activation")
+    return act
+
+
 class Shortcut(DarknetModule):
     """[shortcut]: previous + Σ from-layers (shortcut_multilayer_cpu), optional weights, activation last.
 
@@ -404,7 +415,10 @@ class Shortcut(DarknetModule):
     def _norm_weights(self):
         w = self.weights  # (n+1, 1 or c)
         if self.normalization == "relu":
-            r = torch.relu(w)
+            # Darknet's inference path (fuse_conv_batchnorm, called by `detector test`/`demo`/`map` and the
+            # library's load_network_custom) normalizes with lrelu = max(w, 0.001), not relu (the unfused
+            # shortcut_multilayer_cpu): the two differ only for weights below 0.001.
+            r = torch.clamp(w, min=0.001)
             return r / (r.sum(0, keepdim=True) + 1e-4)
         if self.normalization == "softmax":
             e = torch.exp(w - w.amax(0, keepdim=True))
@@ -436,11 +450,15 @@ def build_shortcut(s, ctx: BuildContext) -> Built:
             raise s.error(f"from layer {i} is {wi}x{hi} but the previous layer is {w}x{h}", "from")
     wt = s.str("weights_type", "none")
     wn = s.str("weights_normalization", "none")
+    wt = {"per_layer": "per_feature"}.get(wt, wt)  # parse_shortcut's aliases
+    wn = {"avg_relu": "relu"}.get(wn, wn)
     if wt not in ("none", "per_feature", "per_channel"):
         raise s.error(f"weights_type={wt!r}: expected none, per_feature or per_channel", "weights_type")
     if wn not in ("none", "relu", "softmax"):
         raise s.error(f"weights_normalization={wn!r}: expected none, relu or softmax", "weights_normalization")
-    mod = Shortcut(len(idx), c, wt, wn, activation(s, default="linear"))
+    if wt == "none":
+        wn = "none"  # no weights, nothing to normalize
+    mod = Shortcut(len(idx), c, wt, wn, _elementwise_activation(s))
     return Built(mod, (c, h, w), inputs=(ctx.index - 1,) + idx)
 
 
@@ -457,11 +475,13 @@ class Sam(DarknetModule):
 
 @register("sam")
 def build_sam(s, ctx: BuildContext) -> Built:
-    i = ctx.resolve(s, "from", s.int("from", 0) if s.has("from") else 0)
+    if not s.has("from"):
+        raise s.error("sam needs from=", "from")
+    i = ctx.resolve(s, "from", s.int("from"))
     if ctx.shape_of(i) != ctx.prev:
         raise s.error(f"from layer {i} has shape {ctx.shape_of(i)}, the previous layer {ctx.prev}: must be equal",
                       "from")
-    return Built(Sam(activation(s, default="linear")), ctx.prev, inputs=(ctx.index - 1, i))
+    return Built(Sam(_elementwise_activation(s)), ctx.prev, inputs=(ctx.index - 1, i))
 
 
 class ScaleChannels(DarknetModule):
@@ -487,7 +507,7 @@ def build_scale_channels(s, ctx: BuildContext) -> Built:
             raise s.error(f"scale_wh expects the previous layer to be 1x{h}x{w}, it is {pc}x{ph}x{pw}")
     elif (pc, ph, pw) != (c, 1, 1):
         raise s.error(f"expects the previous layer to be {c}x1x1 (channels of layer {i}), it is {pc}x{ph}x{pw}")
-    return Built(ScaleChannels(activation(s, default="linear")), (c, h, w), inputs=(ctx.index - 1, i))
+    return Built(ScaleChannels(_elementwise_activation(s)), (c, h, w), inputs=(ctx.index - 1, i))
 
 
 # -- misc ------------------------------------------------------------------------
@@ -496,7 +516,7 @@ class Identity(DarknetModule):
         return x
 
 
-@register("dropout", "empty")
+@register("dropout", "empty", "silence")
 def build_identity(s, ctx: BuildContext) -> Built:
     return Built(Identity(), ctx.prev)  # dropout is the identity at inference (Darknet scales during training)
 
@@ -512,7 +532,7 @@ class ActivationLayer(DarknetModule):
 
 @register("activation")
 def build_activation(s, ctx: BuildContext) -> Built:
-    return Built(ActivationLayer(activation(s, default="linear")), ctx.prev)
+    return Built(ActivationLayer(_elementwise_activation(s)), ctx.prev)
 
 
 class BatchNorm(DarknetModule):
@@ -571,7 +591,7 @@ class Connected(DarknetModule):
 def build_connected(s, ctx: BuildContext) -> Built:
     c, h, w = ctx.prev
     out = s.int("output", 1)
-    mod = Connected(c * h * w, out, bool(s.int("batch_normalize", 0)), activation(s, default="logistic"))
+    mod = Connected(c * h * w, out, bool(s.int("batch_normalize", 0)), _elementwise_activation(s, "logistic"))
     return Built(mod, (out, 1, 1))
 
 
@@ -606,10 +626,12 @@ class Head(DarknetModule):
 
 
 def _nms_kind(s) -> str:
+    """parse_yolo: greedynms / diounms, anything else (cornersnms included) means the default NMS.
+    darkconv refuses names Darknet does not know at all (a typo would silently change the NMS)."""
     kind = s.str("nms_kind", "default").lower()
     if kind not in NMS_KINDS:
         raise s.error(f"nms_kind={kind!r}: expected one of {', '.join(NMS_KINDS)}", "nms_kind")
-    return kind
+    return "default" if kind == "cornersnms" else kind
 
 
 def _check_head_filters(s, ctx, anchors_used, classes, coords=4):
@@ -658,8 +680,9 @@ def build_region(s, ctx: BuildContext) -> Built:
             raise s.error(f"[region] {key}= (YOLO9000 hierarchy) is not supported", key)
     anchors = _anchors(s, num)
     _check_head_filters(s, ctx, num, classes, coords)
+    # parse_region reads neither nms_kind nor beta_nms: a [region] model always uses the default NMS
     head = HeadSpec("region", ctx.index, classes, tuple(anchors), tuple(range(num)), tuple(ctx.prev[1:]),
-                    1.0, 0, _nms_kind(s), s.float("beta_nms", 0.6), softmax=bool(s.int("softmax", 0)))
+                    1.0, 0, "default", 0.6, softmax=bool(s.int("softmax", 0)))
     return Built(Head(), ctx.prev, head=head)
 
 

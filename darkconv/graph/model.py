@@ -41,6 +41,10 @@ class DarknetModel(nn.Module):
             builder = BUILDERS.get(s.type)
             if builder is None:
                 raise s.error(f"[{s.name}] is recognised but not supported by darkconv")
+            for key in ("dontload", "dontloadscales"):  # load_weights_upto would skip (part of) this layer
+                if s.int(key, 0):
+                    raise s.error(f"{key}={s.str(key)} is not supported by darkconv: Darknet would leave "
+                                  "these parameters at their random initialization", key)
             built = builder(s, ctx)
             modules.append(built.module)
             inputs.append(built.inputs if built.inputs is not None else (s.index - 1,))
