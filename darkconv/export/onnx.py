@@ -46,6 +46,8 @@ def to_onnx_model(model, *, batch: str | int = "dynamic", opset: int = DEFAULT_O
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
+            # TorchScript exporter: ~2x faster than dynamo here and, since every layer uses static
+            # sizes (no x.shape arithmetic), just as clean: Conv, LeakyRelu, MaxPool, Slice, Concat, ...
             torch.onnx.export(m, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                               output_names=outputs, do_constant_folding=True,
                               dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
@@ -156,10 +158,10 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def save(proto: onnx.ModelProto, path: str | Path) -> Path:
-    """Check the model fully, then write it atomically (weights inline)."""
+    """Check the model, then write it atomically (weights inline)."""
     path = Path(path)
     try:
-        onnx.checker.check_model(proto, full_check=True)
+        onnx.checker.check_model(proto)  # the test suite runs full_check (strict shape inference)
     except Exception as e:
         raise ExportError(f"the exported ONNX fails onnx.checker: {e}") from e
     atomic_write(path, [proto.SerializeToString()])

@@ -351,14 +351,15 @@ def build_reorg3d(s, ctx):
 class Route(DarknetModule):
     """[route]: each input sliced to its group_id-th of ``groups`` channel chunks, then concatenated."""
 
-    def __init__(self, groups: int, group_id: int):
+    def __init__(self, groups: int, group_id: int, channels: tuple[int, ...]):
         super().__init__()
         self.groups, self.group_id = groups, group_id
+        # static channel range of each input's group: no Shape arithmetic in the exported graph
+        self.ranges = [(c // groups * group_id, c // groups * (group_id + 1)) for c in channels]
 
     def forward(self, *xs):
         if self.groups > 1:
-            xs = [x[:, x.shape[1] // self.groups * self.group_id: x.shape[1] // self.groups * (self.group_id + 1)]
-                  for x in xs]
+            xs = [x[:, lo:hi] for x, (lo, hi) in zip(xs, self.ranges)]
         return xs[0] if len(xs) == 1 else torch.cat(xs, 1)
 
 
@@ -380,7 +381,8 @@ def build_route(s, ctx: BuildContext) -> Built:
         if ci % groups:
             raise s.error(f"layer {i} has {ci} channels, not divisible by groups={groups}", "groups")
         c += ci // groups
-    return Built(Route(groups, group_id), (c, shapes[0][1], shapes[0][2]), inputs=idx)
+    return Built(Route(groups, group_id, tuple(sh[0] for sh in shapes)), (c, shapes[0][1], shapes[0][2]),
+                 inputs=idx)
 
 
 def _elementwise_activation(s, default: str = "linear") -> Activation:
