@@ -119,15 +119,6 @@ def _softmax32(x: np.ndarray) -> np.ndarray:
 
 
 # =========================================================================== decode
-@dataclass
-class _Cand:
-    """Candidates of one image: boxes (relative to the network input), objectness, probs."""
-
-    boxes: np.ndarray   # (K, 4) float32 x, y, w, h
-    obj: np.ndarray     # (K,) float32
-    probs: np.ndarray   # (K, C) float32, 0 where prob <= thresh
-
-
 def _decode_head(raw: np.ndarray, head: HeadSpec, net_w: int, net_h: int, thr: np.float32):
     """One head of one image: raw (A*(5+C), gh, gw) -> (boxes, obj, probs) of its candidates."""
     a_n, c_n = head.num_anchors, head.classes
@@ -139,8 +130,14 @@ def _decode_head(raw: np.ndarray, head: HeadSpec, net_w: int, net_h: int, thr: n
     obj_all = r[:, 4, :]
     if not new_coords:
         obj_all = _sigmoid32(obj_all)
-    # Darknet's order: cell i (row-major), then anchor n
-    cell, a = np.nonzero(obj_all.T > thr)
+    # Darknet's order: cell i (row-major), then anchor n. [yolo] keeps a cell/anchor iff
+    # objectness > thresh. [region] keeps all of them, but a pair needs obj*class > thresh,
+    # which implies obj > thresh when class <= 1 (softmax); raw classes are unbounded.
+    if kind == "region" and not head.softmax:
+        live = ((obj_all[:, None, :] * r[:, 5:, :]) > thr).any(axis=1)
+    else:
+        live = obj_all > thr
+    cell, a = np.nonzero(live.T)
     if cell.size == 0:
         return None
     obj = obj_all[a, cell]
@@ -454,6 +451,8 @@ def _candidate_pairs(boxes: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndar
 
 def _overlap_pairs(boxes: np.ndarray, thr: np.float32, exponent: float | None):
     """All box pairs (u < v) with Darknet's overlap > thr (IoU, or DIoU with ``exponent``)."""
+    boxes = np.asarray(boxes, _F32)
+    thr = _F32(thr)
     u, v = _candidate_pairs(boxes, float(thr))
     if u.size == 0:
         return u, v
