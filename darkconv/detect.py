@@ -108,6 +108,14 @@ def run_detect(runner, paths, names, *, thresh=0.25, nms=0.45, letterbox=None, a
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     bar = progress(total=len(files)) if progress else None
     pending: list[tuple[Path, np.ndarray]] = []
+    written: set[str] = set()
+
+    def out_name(p: Path) -> str:  # a/dog.jpg and b/dog.png must not overwrite each other's drawing
+        name, k = p.stem + ".jpg", 1
+        while name in written:
+            name, k = f"{p.stem}-{k}.jpg", k + 1
+        written.add(name)
+        return name
 
     def flush():
         if not pending:
@@ -118,7 +126,7 @@ def run_detect(runner, paths, names, *, thresh=0.25, nms=0.45, letterbox=None, a
             r = ImageResult(p, (im.shape[1], im.shape[0]), d)
             results.append(r)
             if out_dir:
-                write_image(Path(out_dir) / (p.stem + ".jpg"), draw(im, d, names))
+                write_image(Path(out_dir) / out_name(p), draw(im, d, names))
             echo(summary_line(r, names))
         if bar:
             bar.update(len(pending))

@@ -6,8 +6,10 @@ postprocessor, whatever the backend.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,12 +88,21 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
             from .export.onnx import export_onnx
 
             m = darkconv.load(model, weights, width=width, height=height)
+            own_dir = workdir is None
             workdir = workdir or tempfile.mkdtemp(prefix="darkconv-")
             out = Path(workdir) / f"{Path(model).stem}-{precision}.onnx"
             if log:
                 log(f"exporting {model} to {out} ({precision}) for onnxruntime")
-            export_onnx(m, out, precision=precision if precision != "int8" else "fp32")
-            return runner_class("onnxruntime")(out, threads=threads)
+            try:
+                export_onnx(m, out, precision=precision if precision != "int8" else "fp32")
+                runner = runner_class("onnxruntime")(out, threads=threads)
+            except BaseException:
+                if own_dir:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                raise
+            if own_dir:  # the temporary ONNX lives as long as its runner (or until exit)
+                weakref.finalize(runner, shutil.rmtree, workdir, True)
+            return runner
         if backend == "tensorrt":
             raise DarkconvError("the tensorrt backend runs engines: build one with "
                                 "`darkconv convert MODEL.cfg MODEL.weights --engine MODEL.plan`")

@@ -170,7 +170,7 @@ def save(proto: onnx.ModelProto, path: str | Path) -> Path:
 
 def export_onnx(model, path: str | Path, *, precision: str = "fp32", batch: str | int = "dynamic",
                 opset: int = DEFAULT_OPSET, names=None, spec: ModelSpec | None = None,
-                calib_images=None, calib_method: str = "minmax", int8_target: str = "tensorrt",
+                calib_images=None, calib_method: str = "percentile", int8_target: str = "tensorrt",
                 progress=None) -> Path:
     """Export ``model`` to ``path`` in the given precision ('fp32', 'fp16', 'int8').
 

