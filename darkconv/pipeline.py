@@ -84,6 +84,9 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
                 raise DarkconvError("the opencv backend runs the cfg's own input size; drop --size")
             return runner_class("opencv")(model, weights, threads=threads)
         if backend == "onnxruntime":
+            if precision == "int8":
+                raise DarkconvError("INT8 needs calibration images: run `darkconv convert CFG WEIGHTS --precision "
+                                    "int8 --calib DIR` and pass the resulting .onnx")
             import darkconv
             from .export.onnx import export_onnx
 
@@ -94,7 +97,7 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
             if log:
                 log(f"exporting {model} to {out} ({precision}) for onnxruntime")
             try:
-                export_onnx(m, out, precision=precision if precision != "int8" else "fp32")
+                export_onnx(m, out, precision=precision)
                 runner = runner_class("onnxruntime")(out, threads=threads)
             except BaseException:
                 if own_dir:
