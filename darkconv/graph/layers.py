@@ -385,13 +385,19 @@ def build_route(s, ctx: BuildContext) -> Built:
                  inputs=idx)
 
 
-def _elementwise_activation(s, default: str = "linear") -> Activation:
-    """Activation of a non-convolutional layer. Darknet computes normalize_channels* only in
-    [convolutional] (activate_array has no case for them: it writes 0), so they are refused elsewhere."""
+# activate_array / activate_array_ongpu (activate() and the CUDA activate_kernel) have no case for these and
+# write 0: only forward_convolutional_layer calls their dedicated kernels ([shortcut] too for swish and mish)
+_CONV_ONLY_ACTIVATIONS = ("swish", "mish", "hard_mish", "normalize_channels", "normalize_channels_softmax",
+                          "normalize_channels_softmax_maxval")
+
+
+def _elementwise_activation(s, default: str = "linear", supported: tuple[str, ...] = ()) -> Activation:
+    """Activation of a non-convolutional layer; refuses those for which Darknet outputs zeros there."""
     act = activation(s, default=default)
-    if act.name.startswith("normalize_channels"):
-        raise s.error(f"activation={act.name} is only computed by Darknet in [convolutional] layers "
-                      "(elsewhere it outputs zeros)", "activation")
+    if act.name in _CONV_ONLY_ACTIVATIONS and act.name not in supported:
+        raise s.error(f"activation={act.name} is only computed by Darknet in [convolutional] layers"
+                      f"{' and [shortcut]' if act.name in ('swish', 'mish') else ''} "
+                      f"(in [{s.name}] its activate_array writes zeros)", "activation")
     return act
 
 
@@ -460,7 +466,7 @@ def build_shortcut(s, ctx: BuildContext) -> Built:
         raise s.error(f"weights_normalization={wn!r}: expected none, relu or softmax", "weights_normalization")
     if wt == "none":
         wn = "none"  # no weights, nothing to normalize
-    mod = Shortcut(len(idx), c, wt, wn, _elementwise_activation(s))
+    mod = Shortcut(len(idx), c, wt, wn, _elementwise_activation(s, supported=("swish", "mish")))
     return Built(mod, (c, h, w), inputs=(ctx.index - 1,) + idx)
 
 
