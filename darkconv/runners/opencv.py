@@ -56,6 +56,8 @@ class OpenCVRunner(Runner):
             model.save_weights(self._tmp)
             weights = self._tmp
         self.net = cv2.dnn.readNetFromDarknet(self.cfg, weights)
+        if hasattr(self.net, "enableWinograd"):
+            self.net.enableWinograd(False)  # Winograd 3x3 adds ~1e-5 error per layer: this runner is a reference
         names = set(self.net.getLayerNames())
         # OpenCV names a Darknet conv layer i "conv_i" (+ "bn_i" with batch_normalize); heads follow a linear conv
         self.out_names = []
