@@ -9,6 +9,9 @@ accepts (symmetric S8S8, zero points 0, no INT32 bias DequantizeLinear);
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -53,19 +56,38 @@ def calibration_batches(images, spec: ModelSpec, progress=None):
         yield preprocess(img, (spec.width, spec.height), spec.letter_box)[None]
 
 
-def quantize_settings(target: str) -> dict:
+def head_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that produce the graph outputs (the head convs): never quantized."""
+    outs = {o.name for o in proto.graph.output}
+    return [n.name for n in proto.graph.node if any(o in outs for o in n.output)]
+
+
+def quantize_settings(target: str, proto: onnx.ModelProto | None = None) -> dict:
+    """``quantize_static`` keyword arguments for a target runtime.
+
+    tensorrt: the recipe TensorRT's parser accepts (symmetric S8S8, Conv inputs only, no
+    quantized Conv outputs, no INT32 bias). onnxruntime: U8S8 and quantized activations
+    between layers too, so ORT fuses QLinearConv chains (on yolov3-tiny, 2 threads: 12.3 ms
+    vs 26.7 ms FP32, where Conv-input-only Q/DQ ran slower than FP32). In both, the head
+    convs producing the graph outputs stay float: quantizing the heads caps every confidence
+    at the calibration maximum.
+    """
     from onnxruntime.quantization import QuantFormat, QuantType
 
-    if target not in ("tensorrt", "onnxruntime"):
-        raise ExportError(f"unknown INT8 target {target!r}: choose tensorrt or onnxruntime")
-    act = QuantType.QInt8 if target == "tensorrt" else QuantType.QUInt8
-    return dict(
-        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=act, weight_type=QuantType.QInt8,
-        op_types_to_quantize=["Conv"],
-        extra_options={"ActivationSymmetric": target == "tensorrt", "WeightSymmetric": True,
-                       "QuantizeBias": False, "DedicatedQDQPair": True,
-                       "OpTypesToExcludeOutputQuantization": ["Conv"]},
-    )
+    if target == "tensorrt":
+        return dict(
+            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                           "DedicatedQDQPair": True, "OpTypesToExcludeOutputQuantization": ["Conv"]})
+    if target == "onnxruntime":
+        return dict(
+            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv", "LeakyRelu", "MaxPool", "Concat", "Resize", "Slice", "Add", "Mul"],
+            nodes_to_exclude=head_nodes(proto) if proto is not None else [],
+            extra_options={"WeightSymmetric": True})
+    raise ExportError(f"unknown INT8 target {target!r}: choose tensorrt or onnxruntime")
 
 
 def quantize_int8(proto: onnx.ModelProto, path, spec: ModelSpec, images, *, method: str = "percentile",
@@ -96,10 +118,16 @@ def quantize_int8(proto: onnx.ModelProto, path, spec: ModelSpec, images, *, meth
         fp32 = os.path.join(tmp, "fp32.onnx")
         onnx.save(proto, fp32)
         out = os.path.join(tmp, "int8.onnx")
-        try:
-            quantize_static(fp32, out, Reader(), calibrate_method=cm, **quantize_settings(target))
+        root = logging.getLogger()
+        level = root.level
+        try:  # ORT prints calibration chatter to stdout and warns on the root logger: keep the CLI clean
+            root.setLevel(logging.ERROR)
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(fp32, out, Reader(), calibrate_method=cm, **quantize_settings(target, proto))
         except Exception as e:
             raise ExportError(f"INT8 quantization failed: {e}") from e
+        finally:
+            root.setLevel(level)
         q = onnx.load(out)
     meta = {p.key: p.value for p in proto.metadata_props}
     del q.metadata_props[:]
