@@ -20,8 +20,9 @@ from .preprocess import load_image, preprocess_batch
 #: precision -> (max relative head error, max |Δscore| of matched detections).
 #: FP32: float reassociation only (measured ~1e-6 rel. on yolov3-tiny). FP16: 11-bit mantissa through
 #: ~20 convs (measured 2.4e-3 rel., |Δscore| 0.002). INT8: per-tensor activation scales; head errors are
-#: not meaningful, scores move by up to ~0.2 on yolov3-tiny calibrated on 6 images (measured 0.19).
-TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 0.03), "int8": (None, 0.2)}
+#: not meaningful; on yolov3-tiny calibrated (percentile) on the 5 sample images scores moved by at most
+#: 0.082 (TensorRT target) / 0.079 (onnxruntime target), minmax calibration 0.19.
+TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 0.03), "int8": (None, 0.15)}
 
 
 @dataclass

@@ -445,7 +445,7 @@ def test_int8_tensorrt_target_structure(int8_paths):
     # calibration maximum: dog 0.83 -> 0.42 in tensorrt-notes.md)
     assert [producer[o.name].op_type for o in g.output] == ["Conv", "Conv"]
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta["darkconv.precision"] == "int8-tensorrt" and meta["darkconv.calibration"] == "5 images, minmax"
+    assert meta["darkconv.precision"] == "int8-tensorrt" and meta["darkconv.calibration"] == "5 images, percentile"
     assert SPEC_KEY in meta
 
 
@@ -457,9 +457,13 @@ def test_int8_onnxruntime_target_is_u8s8_and_flagged(int8_paths):
     act = {inits[n.input[2]].data_type for n in g.node if n.op_type == "QuantizeLinear"}
     weights = {inits[n.input[2]].data_type for n in g.node
                if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-    assert act == {TensorProto.UINT8} and weights == {TensorProto.INT8}
+    # U8S8, and the ORT recipe also quantizes biases (INT32) so that ORT fuses QLinearConv
+    assert act == {TensorProto.UINT8} and weights == {TensorProto.INT8, TensorProto.INT32}
+    # activations between layers are quantized too, but the head convs stay float
+    assert [producer[o.name].op_type for o in g.output] == ["Conv", "Conv"]
     problems = check_tensorrt_qdq(proto)
-    assert problems and all("UINT8" in p or "non-zero" in p for p in problems)
+    assert problems and all("UINT8" in p or "non-zero" in p or "INT32" in p for p in problems)
+    assert any("INT32" in p for p in problems)
 
 
 @pytest.mark.slow
@@ -472,8 +476,7 @@ def test_int8_detections_within_parity_tolerance(int8_paths, default_torch_model
                  bins = 128 quantized bins the KL search has a single candidate, the full range.
                  A real entropy calibration (2048 bins, via create_calibrator) gave 0.196 / 0.045.
       percentile 21/0/1, 0.082, 0.038   (99.999 %; 99.99 %: 0.146, 99.9 %: 0.260)
-    parity.TOLERANCES['int8'] allows |Δscore| 0.2; the default (MinMax) sits just under it,
-    percentile has margin (not run here: 10 s for the same checks).
+    percentile is therefore darkconv's default; parity.TOLERANCES['int8'] allows |Δscore| 0.15.
     """
     path = int8_paths["tensorrt"]
     ref = runner_class("torch")(None, model=default_torch_model)
@@ -483,7 +486,7 @@ def test_int8_detections_within_parity_tolerance(int8_paths, default_torch_model
     assert report.ok, report.table()
     assert res.diff.lost == 0 and res.diff.matched >= 20 and res.diff.new <= 1
     assert res.diff.max_dscore <= TOLERANCES["int8"][1]
-    assert res.diff.mean_dscore <= 0.08
+    assert res.diff.mean_dscore <= 0.05
     assert res.diff.min_iou >= 0.9
 
 
