@@ -179,6 +179,9 @@ def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agn
     from .pipeline import open_runner, resolve_names
 
     model, weights, inputs = split_model_args(args)
+    if Path(model).suffix.lower() == ".cfg" and weights is None:
+        raise DarkconvError("detect needs the .weights after the cfg (random weights detect nothing useful): "
+                            "darkconv detect MODEL.cfg MODEL.weights IMAGES...", file=model)
     width, height = parse_size(size)
     runner = open_runner(model, weights, backend, threads=threads, width=width, height=height, log=click.echo)
     with runner:
