@@ -93,8 +93,11 @@ def summary_line(r: ImageResult, names) -> str:
     if r.error:
         return f"{r.path}: ERROR {r.error}"
     d = r.detections
-    parts = [f"{names[int(c)]} {s:.2f}" for c, s in zip(d.class_ids, d.scores)]
-    return f"{r.path} ({r.size[0]}x{r.size[1]}): {len(np.unique(d.box_ids))} boxes" + \
+    boxes = {}  # box id -> its labels, in Darknet's order; a multi-label box reads "car 0.71 + truck 0.41"
+    for b, c, s in zip(d.box_ids.tolist(), d.class_ids, d.scores):
+        boxes.setdefault(b, []).append(f"{names[int(c)]} {s:.2f}")
+    parts = [" + ".join(labels) for labels in boxes.values()]
+    return f"{r.path} ({r.size[0]}x{r.size[1]}): {len(boxes)} box{'es' if len(boxes) != 1 else ''}" + \
         (": " + ", ".join(parts) if parts else "")
 
 
