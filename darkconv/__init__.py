@@ -3,6 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import postprocess, preprocess  # noqa: E402,F401  (numpy only; ``darkconv.preprocess(...)`` is callable)
+
 
 def load(cfg_path, weights_path=None, *, width: int | None = None, height: int | None = None):
     """Build the torch module for a Darknet cfg (eval mode) and load its .weights.

@@ -256,3 +256,16 @@ def preprocess_batch(images: Iterable[np.ndarray], size: Sequence[int],
     if not outs:
         return np.zeros((0, 3, h, w), _F32)
     return np.stack(outs)
+
+
+class _CallableModule(type(os)):
+    """``darkconv.preprocess(image, size, letterbox)`` calls :func:`preprocess`, while
+    ``darkconv.preprocess.load_image`` etc. stay reachable as module attributes."""
+
+    def __call__(self, image, size, letterbox=False):
+        return preprocess(image, size, letterbox)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

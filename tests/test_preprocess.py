@@ -266,3 +266,14 @@ def test_load_image_corrupt_raises_image_error(tmp_path, content, reason):
 def test_load_image_missing(tmp_path):
     with pytest.raises(ImageError, match="not found"):
         pp.load_image(tmp_path / "nope.jpg")
+
+
+def test_package_level_preprocess_is_callable_and_a_module():
+    import darkconv
+
+    rng = np.random.default_rng(3)
+    im = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    out = darkconv.preprocess(im, (64, 48), True)
+    assert out.shape == (3, 48, 64) and out.dtype == np.float32
+    assert np.array_equal(out, darkconv.preprocess.preprocess(im, (64, 48), letterbox=True))
+    assert callable(darkconv.preprocess.load_image)

@@ -30,7 +30,9 @@ class OnnxRuntimeRunner(Runner):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         available = ort.get_available_providers()
-        providers = self.providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        # GPU providers when this onnxruntime build has them (onnxruntime-gpu), CPU otherwise
+        providers = self.providers or [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                   "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(self.path, so, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
