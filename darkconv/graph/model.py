@@ -67,7 +67,7 @@ class DarknetModel(nn.Module):
         self._free_after = [[j for j, u in last_use.items() if u == i and j >= 0] for i in range(len(inputs))]
         self.spec = ModelSpec(w, h, c, bool(net.int("letter_box", 0)), tuple(heads), (),
                               {"cfg": str(cfg.path), "darkconv": __version__})
-        self.eval()
+        self.eval().requires_grad_(False)  # an inference module: outputs convert to numpy directly
 
     # -- inference -------------------------------------------------------------
     def forward(self, x):
