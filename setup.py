@@ -26,7 +26,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "trt": ["tensorrt>=10.0", "cuda-python>=12.0"],
+        "trt": ["tensorrt>=10.0,<12", "cuda-python>=12.0"],
         "plot": ["matplotlib>=3.7"],
         "dev": ["pytest>=7", "matplotlib>=3.7"],
     },

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -38,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import DarkconvError
+from .darknet.weights import atomic_write
+from .errors import DarkconvError, ExportError
 
 SCHEMA = "darkconv.bench/1"
 STAGES = ("decode", "preprocess", "inference", "postprocess")
@@ -293,7 +295,10 @@ class Prepared:
 def _onnx_precision(path) -> str:
     import onnx
 
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:
+        raise ExportError("not a valid ONNX file (corrupt, truncated, or another format)", file=str(path)) from None
     p = meta.get("darkconv.precision", "fp32")
     return "int8" if p.startswith("int8") else p
 
@@ -569,19 +574,6 @@ def run_bench(prep: Prepared, batches, *, warmup: int = 3, iters: int | None = N
     return result
 
 
-def bench(model, weights=None, backend=None, *, batches=(1,), precision=None, width=None, height=None,
-          threads=None, warmup=3, iters=None, seconds=None, e2e=None, progress=None, log=None,
-          settings=None) -> dict:
-    """prepare + run_bench + cleanup, in one call."""
-    prep = prepare(model, weights, backend, precision=precision, width=width, height=height, threads=threads,
-                   calib=e2e, max_batch=max(parse_batches(batches)), log=log)
-    try:
-        return run_bench(prep, batches, warmup=warmup, iters=iters, seconds=seconds, e2e=e2e, progress=progress,
-                         log=log, settings=settings)
-    finally:
-        prep.cleanup()
-
-
 # -- output --------------------------------------------------------------------------------
 def _f(v, fmt="{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
@@ -644,7 +636,6 @@ def format_report(result: dict) -> str:
 
 
 def write_json(result: dict, path) -> Path:
-    from .darknet.weights import atomic_write
 
     path = Path(path)
     if path.parent and not path.parent.exists():
@@ -703,6 +694,8 @@ def plot(result: dict, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write(path, [buf.getvalue()])
     return path

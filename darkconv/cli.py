@@ -6,7 +6,6 @@ are printed as one line naming the file/line/layer and the fix, with a non-zero 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -86,7 +85,26 @@ def split_model_args(args, need_inputs=True):
     return model, weights, args
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class DarkconvGroup(click.Group):
+    """Click group whose usage errors are one line like every other darkconv error."""
+
+    def main(self, *args, **kwargs):
+        standalone = kwargs.pop("standalone_mode", True)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            if not standalone:
+                raise
+            hint = f" (see: darkconv {e.ctx.command_path.split(' ', 1)[1]} --help)" \
+                if getattr(e, "ctx", None) and " " in e.ctx.command_path else " (see: darkconv --help)"
+            click.echo(f"darkconv: error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("darkconv: error: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=DarkconvGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="darkconv")
 def main():
     """Darknet YOLO models (.cfg + .weights) on PyTorch, ONNX Runtime and TensorRT, with Darknet's numbers."""
@@ -108,8 +126,10 @@ def main():
                                       "onnxruntime: U8S8, faster on x86 CPUs")
 @click.option("--size", help="network input WxH [default: the cfg's width/height]")
 @click.option("--batch", default="dynamic", show_default=True,
-              help="ONNX batch: dynamic, N, or MIN:OPT:MAX (dynamic ONNX + TensorRT profile)")
-@click.option("--opset", type=click.IntRange(18, 21), default=18, show_default=True)
+              help="ONNX batch: dynamic, N, or MIN:OPT:MAX (dynamic ONNX; with --engine the TensorRT profile). "
+                   "An engine built with 'dynamic' takes batch 1 only")
+@click.option("--opset", type=click.IntRange(18, 21), default=18, show_default=True,
+              help="ONNX opset (TensorRT engines: 18 or 19)")
 @click.option("--names", type=click.Path(exists=True, dir_okay=False), help="class names to embed")
 @click.option("--engine", type=click.Path(dir_okay=False), help="also build a TensorRT engine here")
 @click.option("--workspace", type=float, default=4.0, show_default=True, help="TensorRT workspace (GB)")
@@ -120,23 +140,30 @@ def convert(cfg, weights, output, precision, calib, calib_method, int8_target, s
     """Convert a Darknet CFG + WEIGHTS to ONNX (FP32/FP16/INT8 Q/DQ), and optionally a TensorRT engine."""
     import darkconv
     from .export.onnx import export_onnx
-    from .pipeline import read_names
+    from .pipeline import resolve_names
     from .zoo import sha256
 
     width, height = parse_size(size)
     onnx_batch, profile = parse_batch(batch)
     if precision == "int8" and not calib:
         raise click.UsageError("--precision int8 needs --calib DIR (images like the ones you will run on)")
+    if engine and opset > 19:
+        raise click.BadParameter("TensorRT engines are built from opset 18 or 19", param_hint="--opset")
+    if calib and precision != "int8":
+        raise click.BadParameter("calibration images are only used with --precision int8", param_hint="--calib")
+    stem = Path(cfg).stem
+    output = Path(output or f"{stem}{'' if precision == 'fp32' else '-' + precision}.onnx")
+    for out in [output] + ([Path(engine)] if engine else []):
+        if not out.resolve().parent.is_dir():
+            raise DarkconvError(f"the folder {out.parent} does not exist", file=str(out))
     if engine:
         from .export.tensorrt import require_tensorrt
         require_tensorrt()  # fail before writing anything
-    stem = Path(cfg).stem
-    output = Path(output or f"{stem}{'' if precision == 'fp32' else '-' + precision}.onnx")
     t0 = time.perf_counter()
     model = darkconv.load(cfg, weights, width=width, height=height)
     t1 = time.perf_counter()
     spec = model.spec
-    spec = spec.with_names(read_names(names)) if names else spec
+    spec = spec.with_names(resolve_names(spec, names)) if names else spec  # checks the count
     spec.source.update({"cfg_sha256": sha256(Path(cfg)), "weights_sha256": sha256(Path(weights))})
     click.echo(f"loaded {cfg} + {weights}: {len(model.layers)} layers, {model.count_floats():,} weights, "
                f"input {spec.width}x{spec.height}, heads {[h.grid for h in spec.heads]} ({t1 - t0:.2f} s)")
@@ -157,28 +184,33 @@ def convert(cfg, weights, output, precision, calib, calib_method, int8_target, s
 
 
 # -- detect ---------------------------------------------------------------------------------
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command()
 @click.argument("args", nargs=-1, required=True)
 @click.option("--backend", default=None, help="torch | onnxruntime | tensorrt | opencv [default: from MODEL]")
-@click.option("--thresh", type=float, default=0.25, show_default=True)
-@click.option("--nms", type=float, default=0.45, show_default=True, help="NMS threshold (0 disables)")
+@click.option("--thresh", type=click.FloatRange(0, 1), default=0.25, show_default=True)
+@click.option("--nms", type=click.FloatRange(0, 1), default=0.45, show_default=True, help="NMS threshold (0 disables)")
 @click.option("--letterbox/--no-letterbox", default=None, help="override the cfg's letter_box")
 @click.option("--names", type=click.Path(exists=True, dir_okay=False), help="class names file")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="write annotated images here")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write Darknet's -out JSON here")
 @click.option("--agnostic", is_flag=True, help="class-agnostic NMS (Darknet: per class)")
-@click.option("--max-det", type=int, default=None, help="keep at most N (box, class) pairs per image")
+@click.option("--max-det", type=click.IntRange(1), default=None, help="keep at most N (box, class) pairs per image")
 @click.option("--size", help="network input WxH (cfg models)")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores]")
 @handle_errors
 def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agnostic, max_det, size, batch,
            threads):
     """Detect objects: detect MODEL.cfg [MODEL.weights] IMAGE_OR_DIR...  |  detect MODEL.onnx|ENGINE IMAGE_OR_DIR..."""
-    from .detect import run_detect
-    from .pipeline import open_runner, resolve_names
+    from .detect import expand_inputs, run_detect
+    from .pipeline import model_kind, open_runner, resolve_names
 
     model, weights, inputs = split_model_args(args)
+    if not expand_inputs(inputs):
+        _die("no images found in " + ", ".join(inputs), 2)
+    if size and model_kind(model) != "cfg":
+        raise click.BadParameter("an .onnx or engine has a fixed input size; --size applies to cfg models",
+                                 param_hint="--size")
     if Path(model).suffix.lower() == ".cfg" and weights is None:
         raise DarkconvError("detect needs the .weights after the cfg (random weights detect nothing useful): "
                             "darkconv detect MODEL.cfg MODEL.weights IMAGES...", file=model)
@@ -202,8 +234,6 @@ def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agn
         click.echo(f"wrote {json_path}")
     if failed:
         _die(f"{len(failed)} of {len(results)} image(s) could not be read", 2)
-    if not results:
-        _die("no images found in " + ", ".join(inputs), 2)
 
 
 # -- parity ---------------------------------------------------------------------------------
@@ -216,13 +246,13 @@ def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agn
               help="precision of the exported backends (torch and opencv stay FP32)")
 @click.option("--images", multiple=True, type=click.Path(exists=True),
               help="images or directories [default: darkconv's bundled sample images]")
-@click.option("--thresh", type=float, default=0.25, show_default=True)
-@click.option("--nms", type=float, default=0.45, show_default=True)
+@click.option("--thresh", type=click.FloatRange(0, 1), default=0.25, show_default=True)
+@click.option("--nms", type=click.FloatRange(0, 1), default=0.45, show_default=True)
 @click.option("--size", help="network input WxH")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--tol-head", type=float, default=None, help="max relative head error [default per precision]")
 @click.option("--tol-score", type=float, default=None, help="max |Δscore| [default per precision]")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=click.IntRange(1), default=None)
 @handle_errors
 def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, tol_head, tol_score, threads):
     """Run the same images through several backends and compare heads and detections."""
@@ -230,6 +260,7 @@ def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, 
 
     from .parity import load_images, run_parity
     from .pipeline import DATA, open_runner
+    from .runners import canonical
 
     width, height = parse_size(size)
     names = [b.strip() for b in backends.split(",") if b.strip()]
@@ -239,9 +270,8 @@ def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, 
     runners, precisions = [], []
     with tempfile.TemporaryDirectory(prefix="darkconv-parity-") as tmp:
         for b in names:
-            from .runners import canonical
             b = canonical(b)
-            p = precision if b in ("onnxruntime", "tensorrt") else "fp32"
+            p = precision if b == "onnxruntime" else "fp32"
             if b == "onnxruntime" and precision == "int8":
                 r = _int8_runner(cfg, weights, files, tmp, width, height, threads)
             else:
@@ -318,7 +348,8 @@ def demo(out_dir, threads):
               help="images or directories: also time decode / preprocess / inference / postprocess per image "
                    "(repeatable; also the INT8 calibration set)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write every figure + the environment")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="PNG: latency vs batch, pipeline split")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="write a PNG (name must end in .png): latency vs batch, pipeline split")
 @handle_errors
 def bench(model, weights, backend, precision, batches, warmup, iters, seconds, threads, size, e2e, json_path,
           plot_path):
@@ -336,6 +367,8 @@ def bench(model, weights, backend, precision, batches, warmup, iters, seconds, t
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--batch") from None
     width, height = parse_size(size)
+    if plot_path and Path(plot_path).suffix.lower() != ".png":
+        raise click.BadParameter(f"{plot_path}: the plot is a PNG, name it *.png", param_hint="--plot")
     prep = bm.prepare(model, weights, backend, precision=precision, width=width, height=height, threads=threads,
                       calib=list(e2e) or None, max_batch=max(batch_list), log=click.echo)
     try:

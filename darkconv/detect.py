@@ -153,7 +153,7 @@ def run_detect(runner, paths, names, *, thresh=0.25, nms=0.45, letterbox=None, a
     flush()
     if bar:
         bar.close()
-    if json_path:
+    if json_path and any(r.error is None for r in results):
         text = json.dumps(darknet_json(results, names), indent=1)
         atomic_write(json_path, [text.encode()])
     return results, timings

@@ -8,7 +8,6 @@ a score sitting on the threshold may legitimately flip with rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -110,9 +109,12 @@ def run_parity(runners: list, images: list[np.ndarray], *, precisions: list[str]
         dets = postprocess(heads, r.spec, sizes, thresh=thresh, nms=nms, letterbox=lb)
         outs.append((heads, dets))
     results = []
-    for k, (r, p, (heads, dets)) in enumerate(zip(runners, precisions, outs)):
-        res = compare_runs(outs[0][0], outs[0][1], heads, dets, r.name, p, thresh=thresh,
+    order = ("fp32", "fp16", "int8")
+    for r, p, (heads, dets) in zip(runners, precisions, outs):
+        looser = max(precisions[0], p, key=order.index)  # judge by the less exact of reference and backend
+        res = compare_runs(outs[0][0], outs[0][1], heads, dets, r.name, looser, thresh=thresh,
                            tol_head=tol_head, tol_score=tol_score)
+        res.precision = p
         results.append(res)
     return ParityReport(runners[0].name, len(images), results)
 

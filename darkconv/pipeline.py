@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,7 @@ def resolve_names(spec: ModelSpec, names_path=None) -> tuple[str, ...]:
             raise DarkconvError(f"{len(names)} names for a model with classes={spec.classes}",
                                 file=str(names_path))
         return names
-    if spec.names:
+    if spec.names and len(spec.names) == spec.classes:
         return spec.names
     if spec.classes == 80:
         return read_names(DATA / "coco.names")
@@ -128,7 +128,6 @@ class Timings:
     inference: float = 0.0
     postprocess: float = 0.0
     images: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def detect_arrays(runner, images: list[np.ndarray], *, thresh=0.25, nms=0.45, letterbox=None,

@@ -384,14 +384,12 @@ def _candidate_pairs(boxes: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndar
     nkeys = ukeys[:, None] + offs[None, :]
     pos = np.minimum(np.searchsorted(ukeys, nkeys), nc - 1)
     nbr = np.where(ukeys[pos] == nkeys, pos, -1)
-    # per class: max w / h over itself and its neighbours -> window and strip sizes
+    # per class: max w / h (queries use maxw; the y-strip height uses max h over the neighbours)
     maxw = np.zeros(nc)
     maxh = np.zeros(nc)
     np.maximum.at(maxw, cls, w)
     np.maximum.at(maxh, cls, h)
-    nmaxw = np.where(nbr >= 0, maxw[np.maximum(nbr, 0)], 0).max(axis=1)
     nmaxh = np.where(nbr >= 0, maxh[np.maximum(nbr, 0)], 0).max(axis=1)
-    win = (1.0 - q) * nmaxw * (1.0 + 1e-5)                 # |dx| < win
     strip = (1.0 - q) * nmaxh * (1.0 + 1e-5)               # |dy| < strip
     y0 = float(y.min())
     yspan = float(y.max()) - y0

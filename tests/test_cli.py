@@ -127,7 +127,9 @@ def test_convert_int8_without_calib_is_a_usage_error(tmp_path, default_model, mo
     monkeypatch.chdir(tmp_path)
     r = invoke("convert", default_model.cfg, default_model.weights, "--precision", "int8")
     assert r.exit_code == 2
-    assert "--precision int8 needs --calib" in r.output and "Usage: " in r.output
+    # usage errors are one line like every other darkconv error
+    assert "--precision int8 needs --calib" in r.output
+    assert r.output.startswith("darkconv: error:") and r.output.count("\n") == 1
     assert listing(tmp_path) == []
 
 
@@ -179,3 +181,63 @@ def test_convert_fp32_and_fp16(tmp_path, default_model, monkeypatch):
     out = sess.run(None, {"images": np.zeros((2, 3, 256, 320), np.float32)})
     assert [o.name for o in sess.get_outputs()] == ["head_16", "head_23"]
     assert [o.shape for o in out] == [(2, 255, 8, 10), (2, 255, 16, 20)]
+
+
+# ---------------------------------------------------------------------------- review findings
+def test_convert_names_with_wrong_count_is_refused(tmp_path, default_model):
+    names = tmp_path / "two.names"
+    names.write_text("a\nb\n")
+    out = tmp_path / "n.onnx"
+    r = invoke("convert", default_model.cfg, default_model.weights, "--names", names, "-o", out)
+    assert_one_line_error(r, "2 names for a model with classes=80", code=1)
+    assert not out.exists()
+
+
+def test_convert_into_missing_folder_is_one_line(tmp_path, default_model):
+    r = invoke("convert", default_model.cfg, default_model.weights, "-o", tmp_path / "nodir" / "x.onnx")
+    assert_one_line_error(r, "does not exist", code=1)
+
+
+def test_detect_on_corrupt_onnx_is_one_line(tmp_path):
+    bad = tmp_path / "g.onnx"
+    bad.write_bytes(b"garbage")
+    r = invoke("detect", bad, Path(darkconv.__file__).parent / "data" / "dog.jpg")
+    assert_one_line_error(r, "not a valid ONNX file", code=1)
+
+
+def test_detect_option_ranges_are_one_line_usage_errors(default_onnx):
+    img = Path(darkconv.__file__).parent / "data" / "dog.jpg"
+    for opts in (["--max-det", "0"], ["--thresh", "2"], ["--threads", "0"]):
+        r = invoke("detect", default_onnx, img, *opts)
+        assert r.exit_code == 2 and r.output.startswith("darkconv: error:") and r.output.count("\n") == 1, r.output
+
+
+def test_detect_with_no_images_writes_nothing(tmp_path, default_onnx):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = invoke("detect", default_onnx, empty, "--json", tmp_path / "j.json", "--out", tmp_path / "o")
+    assert_one_line_error(r, "no images found", code=2)
+    assert not (tmp_path / "j.json").exists() and not (tmp_path / "o").exists()
+
+
+def test_fixed_batch_onnx_with_larger_batch_is_one_line(tmp_path, default_model):
+    out = tmp_path / "f1.onnx"
+    assert invoke("convert", default_model.cfg, default_model.weights, "--batch", "1", "-o", out).exit_code == 0
+    r = invoke("detect", out, Path(darkconv.__file__).parent / "data", "--batch", "2")
+    assert_one_line_error(r, "fixed batch of 1", code=1)
+
+
+def test_bench_plot_must_be_png(default_onnx, tmp_path):
+    r = invoke("bench", default_onnx, "--iters", "1", "--warmup", "0", "--plot", tmp_path / "x.txt")
+    assert r.exit_code == 2 and "name it *.png" in r.output
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path, default_model):
+    out = tmp_path / "m.onnx"
+    old = os.umask(0o022)
+    try:
+        assert invoke("convert", default_model.cfg, default_model.weights, "-o", out).exit_code == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644

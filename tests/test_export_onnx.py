@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 import darkconv
 from darkconv.compare import head_errors
 from darkconv.darknet.spec import ModelSpec
-from darkconv.errors import ExportError
+from darkconv.errors import DarkconvError, ExportError, ImageError
 from darkconv.export.onnx import INPUT_NAME, SPEC_KEY, export_onnx, head_names, read_spec, to_onnx_model
 from darkconv.export.quantize import check_tensorrt_qdq
 from darkconv.parity import TOLERANCES, run_parity
@@ -543,7 +543,7 @@ def test_failed_write_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch, d
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(DarkconvError, match="cannot write: No space left"):
         export_onnx(default_torch_model, out)
     monkeypatch.setattr(os, "replace", real_replace)
     assert _leftovers(tmp_path) == ["m.onnx"] and out.read_bytes() == b"previous"
@@ -552,7 +552,8 @@ def test_failed_write_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch, d
 def test_int8_without_readable_calibration_images(tmp_path, default_torch_model):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ExportError, match="no readable calibration images"):
+    # an unreadable calibration image is an error naming it (not silently skipped)
+    with pytest.raises(ImageError, match="bad.jpg: cannot decode"):
         export_onnx(default_torch_model, tmp_path / "q.onnx", precision="int8", calib_images=[str(bad)])
     with pytest.raises(ExportError, match="calibration images"):
         export_onnx(default_torch_model, tmp_path / "q.onnx", precision="int8")

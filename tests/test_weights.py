@@ -10,7 +10,7 @@ import torch
 import darkconv
 from darkconv.darknet import weights as weights_mod
 from darkconv.darknet.weights import WeightsReader, WeightsWriter, atomic_write
-from darkconv.errors import WeightsError
+from darkconv.errors import DarkconvError, WeightsError
 
 # one layer of every kind that has parameters, with both BN and plain convs
 CFG = """[net]
@@ -232,7 +232,7 @@ def test_save_failure_leaves_no_file(cfg_path, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(weights_mod.os, "replace", boom)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DarkconvError, match="cannot write: No space left"):
         m.save_weights(out / "m.weights")
     assert leftovers(out) == []  # neither the target nor a temp file
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import WeightsError
+from ..errors import DarkconvError, WeightsError
 
 
 @dataclass(frozen=True)
@@ -115,15 +115,23 @@ class WeightsWriter:
 def atomic_write(path: str | Path, chunks) -> None:
     """Write bytes chunks to a temp file beside ``path`` and rename it into place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as e:
+        raise DarkconvError(f"cannot write here: {e.strerror}", file=str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             for c in chunks:
                 f.write(c)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise DarkconvError(f"cannot write: {e.strerror}", file=str(path)) from None
         raise

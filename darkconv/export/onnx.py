@@ -110,8 +110,16 @@ def set_metadata(proto: onnx.ModelProto, spec: ModelSpec) -> None:
 
 def read_spec(proto_or_path) -> ModelSpec:
     """The ModelSpec stored in an ONNX file by darkconv (ModelMismatch-style error if absent)."""
-    proto = proto_or_path if isinstance(proto_or_path, onnx.ModelProto) else onnx.load(str(proto_or_path),
-                                                                                         load_external_data=False)
+    if isinstance(proto_or_path, onnx.ModelProto):
+        proto = proto_or_path
+    else:
+        try:
+            proto = onnx.load(str(proto_or_path), load_external_data=False)
+        except OSError as e:
+            raise ExportError(f"cannot read: {e.strerror}", file=str(proto_or_path)) from None
+        except Exception:
+            raise ExportError("not a valid ONNX file (corrupt, truncated, or another format)",
+                              file=str(proto_or_path)) from None
     meta = {p.key: p.value for p in proto.metadata_props}
     if SPEC_KEY not in meta:
         where = "" if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
@@ -133,8 +141,6 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
         if init.data_type == TensorProto.FLOAT and init.name not in keep32:
             arr = numpy_helper.to_array(init).astype(np.float16)
             init.CopyFrom(numpy_helper.from_array(arr, init.name))
-    for node in g.node:  # float attributes stay float; tensor attributes (Constant) are already initializers
-        pass
     inp = g.input[0].name
     cast_in = helper.make_node("Cast", [inp], [inp + "_fp16"], to=TensorProto.FLOAT16, name="cast_input_fp16")
     for node in g.node:

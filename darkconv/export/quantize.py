@@ -21,7 +21,7 @@ import onnx
 
 from ..darknet.spec import ModelSpec
 from ..darknet.weights import atomic_write
-from ..errors import ExportError, ImageError
+from ..errors import ExportError
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -42,17 +42,14 @@ def list_images(paths) -> list[Path]:
 
 
 def calibration_batches(images, spec: ModelSpec, progress=None):
-    """Preprocessed (1,C,H,W) arrays, exactly as inference prepares them; unreadable images skipped."""
+    """Preprocessed (1,C,H,W) arrays, exactly as inference prepares them; an unreadable image is an error."""
     from ..preprocess import load_image, preprocess
 
     items = list_images(images) if not (isinstance(images, list) and images and isinstance(images[0], np.ndarray)) \
         else images
     it = progress(items) if progress else items
     for item in it:
-        try:
-            img = load_image(item) if not isinstance(item, np.ndarray) else item
-        except ImageError:
-            continue
+        img = load_image(item) if not isinstance(item, np.ndarray) else item  # ImageError names the file
         yield preprocess(img, (spec.width, spec.height), spec.letter_box)[None]
 
 

@@ -1,7 +1,7 @@
-"""Backends behind one interface: ``with get_runner(name, ...) as r: heads = r.infer(batch)``.
+"""Backends behind one interface: ``with runner_class(name)(...) as r: heads = r.infer(batch)``.
 
 Each backend lives in its own module, imports its heavy library lazily, and
-never imports another backend. ``get_runner`` resolves a name (and aliases).
+never imports another backend. ``runner_class`` resolves a name (and aliases).
 """
 from __future__ import annotations
 

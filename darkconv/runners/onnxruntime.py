@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, DarkconvError
 from .base import Runner
 
 
@@ -34,7 +34,9 @@ class OnnxRuntimeRunner(Runner):
         providers = self.providers or [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider",
                                                    "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(self.path, so, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def deactivate(self):
@@ -42,6 +44,9 @@ class OnnxRuntimeRunner(Runner):
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(batch, np.float32)
+        if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
+            raise DarkconvError(f"this ONNX has a fixed batch of {self.fixed_batch}, got {x.shape[0]} images: use "
+                                f"--batch {self.fixed_batch} or convert with --batch dynamic", file=self.path)
         return self.session.run(self.output_names, {self.input_name: x})
 
     def describe(self) -> str:
