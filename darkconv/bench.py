@@ -41,6 +41,7 @@ import numpy as np
 from . import __version__
 from .darknet.weights import atomic_write
 from .errors import DarkconvError, ExportError
+from .pipeline import DATA
 
 SCHEMA = "darkconv.bench/1"
 STAGES = ("decode", "preprocess", "inference", "postprocess")
@@ -48,7 +49,6 @@ STAT_KEYS = ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "max_ms", "std_m
              "throughput_ips")
 MIN_ITERS = 3
 RANDOM_WEIGHTS = "random weights (speed only)"
-DATA = Path(__file__).parent / "data"
 
 
 # -- statistics ----------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def _onnx_precision(path) -> str:
 
 def sample_images(paths=None) -> list[Path]:
     """Image files of ``paths`` (files, directories, .txt lists), or darkconv's bundled samples."""
-    from .export.quantize import list_images
+    from .preprocess import list_images
 
     files = [p for p in list_images(list(paths) if paths else [DATA]) if Path(p).is_file()]
     if not files:

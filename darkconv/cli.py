@@ -318,10 +318,9 @@ def demo(out_dir, threads):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "yolov3-tiny.onnx"
-    ctx = click.get_current_context()
-    ctx.invoke(convert, cfg=str(files.cfg), weights=str(files.weights), output=str(onnx_path), precision="fp32",
-               calib=(), calib_method="minmax", int8_target="tensorrt", size=None, batch="dynamic", opset=18,
-               names=str(files.names), engine=None, workspace=4.0, timing_cache=None)
+    # click fills every other option of convert with its default
+    click.get_current_context().invoke(convert, cfg=str(files.cfg), weights=str(files.weights),
+                                       output=str(onnx_path), names=str(files.names))
     with open_runner(onnx_path, threads=threads) as runner:
         names = resolve_names(runner.spec)
         results, t = run_detect(runner, [DATA], names, out_dir=out / "predictions",

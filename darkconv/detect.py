@@ -10,21 +10,15 @@ import numpy as np
 
 from .darknet.weights import atomic_write
 from .errors import ImageError
-from .export.quantize import IMAGE_EXTS
 from .pipeline import Timings, detect_arrays
 from .postprocess import Detections
-from .preprocess import load_image
+from .preprocess import list_images, load_image
 
 
 def expand_inputs(paths) -> list[Path]:
-    """Files as given, directories expanded to their images (sorted); missing paths kept (reported later)."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
-        else:
-            out.append(p)
-    return out
+    """Files as given, directories expanded to their images (sorted), ``.txt`` files read as lists;
+    missing paths are kept, so that they are reported one by one."""
+    return list_images(list(paths))
 
 
 @dataclass

@@ -121,7 +121,7 @@ def run_parity(runners: list, images: list[np.ndarray], *, precisions: list[str]
 
 def int8_report(model, int8_onnx, spec, calib, *, thresh=0.25, nms=0.45, progress=None) -> str:
     """How INT8 detections differ from FP32 (the torch model) on the calibration images."""
-    from .export.quantize import list_images
+    from .preprocess import list_images
     from .runners import runner_class
 
     files = list_images(calib)

@@ -24,19 +24,37 @@ No mean/std normalisation: the network sees RGB in [0, 1].
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from .errors import ImageError
 
-__all__ = ["load_image", "to_float", "resize", "letterbox", "letterbox_geometry",
+__all__ = ["list_images", "load_image", "to_float", "resize", "letterbox", "letterbox_geometry",
            "preprocess", "preprocess_batch"]
 
 _F32 = np.float32
 
 
 # --------------------------------------------------------------------------- loading
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(paths) -> list[Path]:
+    """Expand files, directories (their images, sorted) and text files listing one path per line."""
+    out: list[Path] = []
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        p = Path(p)
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
+        elif p.suffix.lower() == ".txt" and p.is_file():
+            out += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+        else:
+            out.append(p)
+    return out
+
+
 def load_image(path) -> np.ndarray:
     """Read an image file as H x W x 3 uint8 RGB, as Darknet's OpenCV loader does.
 

@@ -22,25 +22,9 @@ import onnx
 from ..darknet.spec import ModelSpec
 from ..darknet.weights import atomic_write
 from ..errors import ExportError
+from ..preprocess import IMAGE_EXTS, list_images  # noqa: F401  (re-exported)
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def list_images(paths) -> list[Path]:
-    """Expand files, directories (their images, sorted) and text files listing one path per line."""
-    out: list[Path] = []
-    for p in [paths] if isinstance(paths, (str, Path)) else paths:
-        p = Path(p)
-        if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
-        elif p.suffix.lower() == ".txt":
-            out += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
-        else:
-            out.append(p)
-    return out
-
-
 def calibration_batches(images, spec: ModelSpec, progress=None):
     """Preprocessed (1,C,H,W) arrays, exactly as inference prepares them; an unreadable image is an error."""
     from ..preprocess import load_image, preprocess
