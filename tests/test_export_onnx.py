@@ -558,3 +558,27 @@ def test_int8_without_readable_calibration_images(tmp_path, default_torch_model)
     with pytest.raises(ExportError, match="calibration images"):
         export_onnx(default_torch_model, tmp_path / "q.onnx", precision="int8")
     assert _leftovers(tmp_path) == ["bad.jpg"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["yolov3", "yolov4-tiny"])
+def test_fp16_random_weights_as_close_as_torch_fp16(random_model, name):
+    """FP16 ONNX of random-weight models on ORT CPU, judged against the float64 truth.
+
+    Random deep nets amplify rounding chaotically: torch's own FP16 of the same model is far off
+    (measured, relative to max|head|: yolov3@192 0.15/0.08/0.05, yolov4@256 0.5..1.0, bf16 worse), so a
+    fixed tolerance says nothing there; the real yolov3-tiny FP16 test above holds the 2e-2 tolerance.
+    The graph is right if ORT FP16 is as close to float64 as torch FP16 is (measured yolov3: ORT
+    0.07/0.035/0.021); yolov4-tiny is tame enough for the parity tolerance itself (measured ~2e-3)."""
+    from darkconv.export.onnx import to_fp16
+    from darkconv.parity import TOLERANCES
+
+    model, proto, x = random_model(name)
+    exact = torch_heads(model, x.astype(np.float64), torch.float64)
+    with torch.no_grad():
+        half = [h.float().numpy() for h in copy.deepcopy(model).half()(torch.from_numpy(x).half())]
+    out = ort_session(to_fp16(proto)).run(None, {INPUT_NAME: x})
+    ort_err, torch_err = rel_errors(exact, out), rel_errors(exact, half)
+    assert all(o <= 2 * t + 1e-3 for o, t in zip(ort_err, torch_err)), (ort_err, torch_err)
+    if name == "yolov4-tiny":
+        assert max(rel_errors(torch_heads(model, x), out)) <= TOLERANCES["fp16"][0]
