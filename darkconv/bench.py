@@ -495,7 +495,7 @@ def run_bench(prep: Prepared, batches, *, warmup: int = 3, iters: int | None = N
     row and the next size is tried; a KeyboardInterrupt keeps what was measured.
     """
     from .pipeline import Timings, detect_arrays
-    from .preprocess import load_image
+    from .preprocess import load_image, load_images
 
     log = log or (lambda *_a, **_k: None)
     batches = parse_batches(batches)
@@ -553,7 +553,10 @@ def run_bench(prep: Prepared, batches, *, warmup: int = 3, iters: int | None = N
                         runner.infer(x)  # raw inference in the same iteration: the ratio's denominator
                         t = Timings()
                         t1 = time.perf_counter()
-                        ims = [load_image(p) for p in paths]
+                        ims = load_images(paths)  # as detect: a batch is decoded in parallel
+                        bad = next((im for im in ims if isinstance(im, DarkconvError)), None)
+                        if bad is not None:
+                            raise bad
                         t.decode = time.perf_counter() - t1
                         detect_arrays(runner, ims, thresh=thresh, nms=nms, timings=t)
                         return {"raw": t1 - t0, **{s: getattr(t, s) for s in STAGES}}

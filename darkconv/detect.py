@@ -12,7 +12,7 @@ from .darknet.weights import atomic_write
 from .errors import ImageError
 from .pipeline import Timings, detect_arrays
 from .postprocess import Detections
-from .preprocess import list_images, load_image
+from .preprocess import list_images, load_images
 
 
 def expand_inputs(paths) -> list[Path]:
@@ -104,7 +104,6 @@ def run_detect(runner, paths, names, *, thresh=0.25, nms=0.45, letterbox=None, a
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     bar = progress(total=len(files)) if progress else None
-    pending: list[tuple[Path, np.ndarray]] = []
     written: set[str] = set()
 
     def out_name(p: Path) -> str:  # a/dog.jpg and b/dog.png must not overwrite each other's drawing
@@ -114,37 +113,25 @@ def run_detect(runner, paths, names, *, thresh=0.25, nms=0.45, letterbox=None, a
         written.add(name)
         return name
 
-    def flush():
-        if not pending:
-            return
-        dets = detect_arrays(runner, [im for _, im in pending], thresh=thresh, nms=nms, letterbox=letterbox,
-                             agnostic=agnostic, max_det=max_det, timings=timings)
-        for (p, im), d in zip(pending, dets):
-            r = ImageResult(p, (im.shape[1], im.shape[0]), d)
+    for start in range(0, len(files), batch):
+        chunk = files[start:start + batch]
+        t = time.perf_counter()
+        loaded = load_images(chunk)  # a batch is decoded in parallel
+        timings.decode += time.perf_counter() - t
+        good = [im for im in loaded if not isinstance(im, ImageError)]
+        dets = iter(detect_arrays(runner, good, thresh=thresh, nms=nms, letterbox=letterbox, agnostic=agnostic,
+                                  max_det=max_det, timings=timings) if good else [])
+        for p, im in zip(chunk, loaded):  # results in input order
+            if isinstance(im, ImageError):
+                r = ImageResult(p, (0, 0), None, im.bare)
+            else:
+                r = ImageResult(p, (im.shape[1], im.shape[0]), next(dets))
+                if out_dir:
+                    write_image(Path(out_dir) / out_name(p), draw(im, r.detections, names))
             results.append(r)
-            if out_dir:
-                write_image(Path(out_dir) / out_name(p), draw(im, d, names))
             echo(summary_line(r, names))
         if bar:
-            bar.update(len(pending))
-        pending.clear()
-
-    for p in files:
-        t = time.perf_counter()
-        try:
-            im = load_image(p)
-        except ImageError as e:
-            r = ImageResult(p, (0, 0), None, e.bare)
-            results.append(r)
-            echo(summary_line(r, names))
-            if bar:
-                bar.update(1)
-            continue
-        timings.decode += time.perf_counter() - t
-        pending.append((p, im))
-        if len(pending) >= batch:
-            flush()
-    flush()
+            bar.update(len(chunk))
     if bar:
         bar.close()
     if json_path and any(r.error is None for r in results):

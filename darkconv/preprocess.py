@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import ImageError
 
-__all__ = ["list_images", "load_image", "to_float", "resize", "letterbox", "letterbox_geometry",
+__all__ = ["list_images", "load_image", "load_images", "to_float", "resize", "letterbox", "letterbox_geometry",
            "preprocess", "preprocess_batch"]
 
 _F32 = np.float32
@@ -94,6 +94,19 @@ def load_image(path) -> np.ndarray:
         raise ImageError("cannot decode the image (corrupt, truncated or unsupported format)",
                          file=p)
     return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def load_images(paths) -> list:
+    """``load_image`` of each path, decoded in parallel (OpenCV releases the GIL); an unreadable
+    file gives its :class:`ImageError` in its place instead of an image."""
+    def one(p):
+        try:
+            return load_image(p)
+        except ImageError as e:
+            return e
+
+    paths = list(paths)
+    return list(_pool().map(one, paths)) if len(paths) > 1 else [one(p) for p in paths]
 
 
 def to_float(image_u8: np.ndarray) -> np.ndarray:

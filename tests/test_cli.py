@@ -241,3 +241,21 @@ def test_outputs_get_the_usual_file_mode(tmp_path, default_model):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_detect_batched_with_a_corrupt_image_keeps_order_and_fails_at_the_end(tmp_path, default_onnx):
+    import shutil
+
+    data = Path(darkconv.__file__).parent / "data"
+    d = tmp_path / "imgs"
+    d.mkdir()
+    shutil.copy(data / "dog.jpg", d / "a.jpg")
+    (d / "b.jpg").write_bytes(b"not a jpeg")
+    shutil.copy(data / "person.jpg", d / "c.jpg")
+    r = invoke("detect", default_onnx, d, "--batch", "3", "--json", tmp_path / "r.json")
+    assert r.exit_code == 2 and "1 of 3 image(s) could not be read" in r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(str(d))]
+    assert [Path(ln.split(" ", 1)[0].rstrip(":")).name for ln in lines] == ["a.jpg", "b.jpg", "c.jpg"]
+    import json
+    frames = json.loads((tmp_path / "r.json").read_text())
+    assert [Path(f["filename"]).name for f in frames] == ["a.jpg", "c.jpg"]
