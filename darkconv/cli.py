@@ -272,11 +272,8 @@ def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, 
         for b in names:
             b = canonical(b)
             p = precision if b == "onnxruntime" else "fp32"
-            if b == "onnxruntime" and precision == "int8":
-                r = _int8_runner(cfg, weights, files, tmp, width, height, threads)
-            else:
-                r = open_runner(cfg, weights, b, threads=threads, width=width, height=height, precision=p,
-                                workdir=tmp)
+            r = open_runner(cfg, weights, b, threads=threads, width=width, height=height, precision=p,
+                            calib=files if p == "int8" else None, workdir=tmp)
             runners.append(r)
             precisions.append(p)
         for r in runners:
@@ -290,17 +287,6 @@ def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, 
     click.echo(f"\n{report.images} image(s), reference {report.reference}:\n" + report.table())
     if not report.ok:
         _die("backends disagree beyond tolerance (see table)", 1)
-
-
-def _int8_runner(cfg, weights, calib, tmp, width, height, threads):
-    import darkconv
-    from .export.onnx import export_onnx
-    from .runners import runner_class
-
-    out = Path(tmp) / "model-int8.onnx"
-    export_onnx(darkconv.load(cfg, weights, width=width, height=height), out, precision="int8",
-                calib_images=calib, int8_target="onnxruntime")
-    return runner_class("onnxruntime")(out, threads=threads)
 
 
 # -- demo -----------------------------------------------------------------------------------

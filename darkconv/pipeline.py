@@ -66,11 +66,12 @@ def resolve_names(spec: ModelSpec, names_path=None) -> tuple[str, ...]:
 
 def open_runner(model, weights=None, backend: str | None = None, *, threads: int | None = None,
                 width: int | None = None, height: int | None = None, precision: str = "fp32",
-                workdir: str | None = None, log=None):
+                calib=None, workdir: str | None = None, log=None):
     """A (not yet activated) runner for ``model`` on ``backend``.
 
     A cfg on onnxruntime is exported to a temporary ONNX first (in ``workdir``), so that
-    the same cfg + weights can be compared across backends.
+    the same cfg + weights can be compared across backends; INT8 is calibrated on ``calib``
+    (U8S8, the Q/DQ flavour ONNX Runtime runs fastest).
     """
     backend = canonical(backend or default_backend(model))
     kind = model_kind(model)
@@ -84,7 +85,7 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
                 raise DarkconvError("the opencv backend runs the cfg's own input size; drop --size")
             return runner_class("opencv")(model, weights, threads=threads)
         if backend == "onnxruntime":
-            if precision == "int8":
+            if precision == "int8" and not calib:
                 raise DarkconvError("INT8 needs calibration images: run `darkconv convert CFG WEIGHTS --precision "
                                     "int8 --calib DIR` and pass the resulting .onnx")
             import darkconv
@@ -97,7 +98,7 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
             if log:
                 log(f"exporting {model} to {out} ({precision}) for onnxruntime")
             try:
-                export_onnx(m, out, precision=precision)
+                export_onnx(m, out, precision=precision, calib_images=calib, int8_target="onnxruntime")
                 runner = runner_class("onnxruntime")(out, threads=threads)
             except BaseException:
                 if own_dir:
