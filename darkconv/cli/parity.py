@@ -1,0 +1,57 @@
+"""``darkconv parity``: the same images through several backends, compared."""
+from __future__ import annotations
+
+import click
+
+from .common import PRECISIONS, _die, handle_errors, main, parse_size
+
+@main.command()
+@click.argument("cfg", type=click.Path(exists=True, dir_okay=False))
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False))
+@click.option("--backends", default="torch,onnxruntime", show_default=True,
+              help="comma list; the first is the reference (opencv = OpenCV DNN as an independent check)")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="precision of the exported backends (torch and opencv stay FP32)")
+@click.option("--images", multiple=True, type=click.Path(exists=True),
+              help="images or directories [default: darkconv's bundled sample images]")
+@click.option("--thresh", type=click.FloatRange(0, 1), default=0.25, show_default=True)
+@click.option("--nms", type=click.FloatRange(0, 1), default=0.45, show_default=True)
+@click.option("--size", help="network input WxH")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--tol-head", type=float, default=None, help="max relative head error [default per precision]")
+@click.option("--tol-score", type=float, default=None, help="max |Δscore| [default per precision]")
+@click.option("--threads", type=click.IntRange(1), default=None)
+@handle_errors
+def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, tol_head, tol_score, threads):
+    """Run the same images through several backends and compare heads and detections."""
+    import tempfile
+
+    from ..parity import load_images, run_parity
+    from ..pipeline import DATA, open_runner
+    from ..runners import canonical
+
+    width, height = parse_size(size)
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    if len(names) < 2:
+        raise click.BadParameter("give at least two backends", param_hint="--backends")
+    imgs, files = load_images(images or [DATA])
+    runners, precisions = [], []
+    with tempfile.TemporaryDirectory(prefix="darkconv-parity-") as tmp:
+        for b in names:
+            b = canonical(b)
+            p = precision if b == "onnxruntime" else "fp32"
+            r = open_runner(cfg, weights, b, threads=threads, width=width, height=height, precision=p,
+                            calib=files if p == "int8" else None, workdir=tmp)
+            runners.append(r)
+            precisions.append(p)
+        for r in runners:
+            r.activate()
+        try:
+            report = run_parity(runners, imgs, precisions=precisions, thresh=thresh, nms=nms,
+                                tol_head=tol_head, tol_score=tol_score, batch=batch, log=click.echo)
+        finally:
+            for r in runners:
+                r.deactivate()
+    click.echo(f"\n{report.images} image(s), reference {report.reference}:\n" + report.table())
+    if not report.ok:
+        _die("backends disagree beyond tolerance (see table)", 1)
