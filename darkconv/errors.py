@@ -47,3 +47,12 @@ class BackendUnavailable(DarkconvError):
 
 class ModelMismatch(DarkconvError):
     """An artifact (engine, ONNX) does not belong to the model or machine at hand."""
+
+
+class InferenceError(DarkconvError):
+    """A backend failed on one batch (e.g. a remote server died mid-request, after retries).
+
+    Jobs report the batch's images as failed and go on with the others.
+    """
+
+    exit_code = 2
