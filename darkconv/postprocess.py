@@ -43,7 +43,7 @@ import numpy as np
 
 from .darknet.spec import NMS_KINDS, HeadSpec, ModelSpec
 
-__all__ = ["Detections", "postprocess", "decode", "nms_keep", "box_iou", "box_diou"]
+__all__ = ["Detections", "postprocess", "decode", "nms_keep", "box_iou", "box_diou", "darknet_rank"]
 
 _F32 = np.float32
 _F64 = np.float64
@@ -65,6 +65,9 @@ class Detections:
     pairs of a multi-label box share it. Pairs come in candidate order, then class order.
     ``objectness`` is the head's objectness of the candidate (for [region] the logistic
     objectness, where Darknet itself stores 1).
+    ``rank`` (optional) is each pair's position in the order Darknet itself lists them
+    after NMS (see :func:`darknet_rank`); ``darkconv.metrics`` needs it to mirror
+    ``validate_detector_map``. ``None`` means: this order is Darknet's.
     """
 
     boxes: np.ndarray
@@ -72,6 +75,7 @@ class Detections:
     class_ids: np.ndarray
     objectness: np.ndarray
     box_ids: np.ndarray
+    rank: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -568,6 +572,32 @@ def nms_keep(boxes: np.ndarray, probs: np.ndarray, nms: float = 0.45, nms_kind: 
     return item_box[keep], item_cls[keep]
 
 
+# =========================================================================== Darknet's output order
+def darknet_rank(box_idx: np.ndarray, class_idx: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Position of each kept (box, class) pair in the order Darknet lists them after NMS.
+
+    ``do_nms_sort`` / ``diounms_sort`` (src/box.c) ``qsort`` the whole detection array by
+    ``prob[k]`` (descending) once per class ``k = 0 .. classes-1``, each time before that
+    class's suppression, so the array ends sorted by ``prob[classes-1]``, ties by
+    ``prob[classes-2]``, ..., then by candidate order (glibc's qsort is a stable merge
+    sort). Loops over the detections (``validate_detector_map``, ``draw_detections``) then
+    visit box by box, class by class. ``probs`` are the pre-NMS probabilities (K, C) of
+    all candidates; only the kept boxes' own keys matter for their relative order.
+    """
+    box_idx = np.asarray(box_idx, np.int64)
+    class_idx = np.asarray(class_idx, np.int64)
+    if box_idx.size == 0:
+        return np.zeros(0, np.int64)
+    boxes = np.unique(box_idx)
+    keys = np.vstack([boxes[None].astype(_F64), -probs[boxes].T.astype(_F64)])  # last row = primary key
+    box_pos = np.empty(int(boxes.max()) + 1, np.int64)
+    box_pos[boxes[np.lexsort(keys)]] = np.arange(boxes.size)
+    order = np.lexsort((class_idx, box_pos[box_idx]))
+    rank = np.empty(box_idx.size, np.int64)
+    rank[order] = np.arange(box_idx.size)
+    return rank
+
+
 # =========================================================================== public API
 def postprocess(heads: Sequence[np.ndarray], spec: ModelSpec, image_sizes: Sequence[tuple[int, int]],
                 thresh: float = 0.25, nms: float = 0.45, letterbox: bool | None = None,
@@ -595,6 +625,8 @@ def postprocess(heads: Sequence[np.ndarray], spec: ModelSpec, image_sizes: Seque
             top = np.lexsort((np.arange(bi.size), -scores))[:int(max_det)]
             top.sort()
             bi, ci, scores = bi[top], ci[top], scores[top]
+        # without NMS Darknet sorts nothing: candidate order (= rank None)
+        rank = darknet_rank(bi, ci, probs) if nms > 0 else None
         out_boxes = boxes[bi]
         if clip and out_boxes.size:
             l, r, t, b = (np.clip(v, _F32(0), _ONE) for v in _corners(out_boxes))
@@ -603,5 +635,5 @@ def postprocess(heads: Sequence[np.ndarray], spec: ModelSpec, image_sizes: Seque
                                   scores=scores.astype(_F32, copy=False),
                                   class_ids=ci.astype(np.int64, copy=False),
                                   objectness=obj[bi].astype(_F32, copy=False),
-                                  box_ids=bi.astype(np.int64, copy=False)))
+                                  box_ids=bi.astype(np.int64, copy=False), rank=rank))
     return results
