@@ -419,7 +419,8 @@ def _prepare_cfg(prep: Prepared, cfg, weights, width, height, threads, calib, ma
 
         method = inspect.signature(export_onnx).parameters["calib_method"].default
         src = "the --e2e images" if calib else "darkconv's bundled sample images"
-        scheme = ("U8S8 Q/DQ (int8_target=onnxruntime: unsigned activations, the faster scheme on x86 CPUs)"
+        from .export.quantize import choose_recipe
+        scheme = (f"Q/DQ recipe {choose_recipe(target)[0].name} (int8_target={target}, chosen for this CPU)"
                   if target == "onnxruntime" else "symmetric S8S8 Q/DQ (int8_target=tensorrt)")
         notes.append(f"INT8: {scheme}, calibrated ({method}) on {len(calib_files)} image(s) from {src}")
     if backend == "onnxruntime":

@@ -18,10 +18,14 @@ from .preprocess import load_image, preprocess_batch
 
 #: precision -> (max relative head error, max |Δscore| of matched detections).
 #: FP32: float reassociation only (measured ~1e-6 rel. on yolov3-tiny). FP16: 11-bit mantissa through
-#: ~20 convs (measured 2.4e-3 rel., |Δscore| 0.002). INT8: per-tensor activation scales; head errors are
-#: not meaningful; on yolov3-tiny calibrated (percentile) on the 5 sample images scores moved by at most
-#: 0.082 (TensorRT target) / 0.079 (onnxruntime target), minmax calibration 0.19.
-TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 0.03), "int8": (None, 0.15)}
+#: ~20 convs (measured 2.4e-3 rel., |Δscore| 0.002). INT8: head errors are not meaningful and single scores
+#: move (held out -- calibrated on the zoo photos, judged on the 5 bundled images, recipe u8s8-rr, percentile,
+#: AMD EPYC AVX2 without VNNI -- max |Δscore| 0.171 on yolov3-tiny, 21/21 matched, agreement 1.0): judged by
+#: agreement (INT8_MIN_AGREEMENT), with a score bound that only catches gross shifts.
+TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 0.03), "int8": (None, 0.25)}
+#: INT8 must keep this held-out agreement with the reference (Darknet map AP@0.5 of its detections at 0.005
+#: against the reference's detections > thresh, mean over classes with truths; issue #10's acceptance level)
+INT8_MIN_AGREEMENT = 0.97
 
 
 @dataclass
@@ -33,6 +37,7 @@ class BackendResult:
     detections: int = 0
     ok: bool = True
     reasons: list = field(default_factory=list)
+    agreement: float | None = None   # INT8: Darknet map agreement with the reference
 
 
 @dataclass
@@ -47,7 +52,7 @@ class ParityReport:
 
     def table(self) -> str:
         rows = [("backend", "prec", "max|Δhead|", "rel", "dets", "matched", "lost", "new", "max|Δscore|",
-                 "min IoU", "verdict")]
+                 "min IoU", "agreement", "verdict")]
         for r in self.results:
             a = max((e[0] for e in r.head_err), default=0.0)
             rel = max((e[1] for e in r.head_err), default=0.0)
@@ -55,6 +60,7 @@ class ParityReport:
             rows.append((r.name, r.precision, f"{a:.2e}", f"{rel:.2e}", str(r.detections), str(d["matched"]),
                          str(d["lost"]), str(d["new"]), f"{d['max_dscore']:.4f}",
                          "-" if d["min_iou"] is None else f"{d['min_iou']:.4f}",
+                         "-" if r.agreement is None else f"{r.agreement:.4f}",
                          "reference" if r.name == self.reference and r is self.results[0] else
                          ("ok" if r.ok else "FAIL: " + "; ".join(r.reasons))))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -72,7 +78,10 @@ def load_images(paths) -> tuple[list[np.ndarray], list[str]]:
     return [load_image(p) for p in files], [str(p) for p in files]
 
 
-def compare_runs(ref_heads, ref_dets, heads, dets, name, precision, *, thresh, tol_head=None, tol_score=None):
+def compare_runs(ref_heads, ref_dets, heads, dets, name, precision, *, thresh, tol_head=None, tol_score=None,
+                 agreement_of=None):
+    """Judge one backend against the reference. INT8 is judged by ``agreement_of() -> float | None`` (the
+    map agreement, at least :data:`INT8_MIN_AGREEMENT`) and a loose score bound instead of single flips."""
     th, ts = TOLERANCES.get(precision, TOLERANCES["fp32"])
     th = th if tol_head is None else tol_head
     ts = ts if tol_score is None else tol_score
@@ -86,9 +95,14 @@ def compare_runs(ref_heads, ref_dets, heads, dets, name, precision, *, thresh, t
         r.reasons.append(f"head rel. error {rel:.2e} > {th:.0e}")
     if r.diff.max_dscore > ts:
         r.reasons.append(f"score change {r.diff.max_dscore:.4f} > {ts}")
-    firm = [s for _, s in r.diff.lost_items + r.diff.new_items if s > thresh + ts]
-    if firm:
-        r.reasons.append(f"{len(firm)} detection(s) lost/new with score up to {max(firm):.2f}")
+    if precision == "int8" and agreement_of is not None:
+        r.agreement = agreement_of()
+        if r.agreement is not None and r.agreement < INT8_MIN_AGREEMENT:
+            r.reasons.append(f"agreement {r.agreement:.4f} < {INT8_MIN_AGREEMENT}")
+    else:
+        firm = [s for _, s in r.diff.lost_items + r.diff.new_items if s > thresh + ts]
+        if firm:
+            r.reasons.append(f"{len(firm)} detection(s) lost/new with score up to {max(firm):.2f}")
     r.ok = not r.reasons
     return r
 
@@ -112,35 +126,18 @@ def run_parity(runners: list, images: list[np.ndarray], *, precisions: list[str]
     order = ("fp32", "fp16", "int8")
     for r, p, (heads, dets) in zip(runners, precisions, outs):
         looser = max(precisions[0], p, key=order.index)  # judge by the less exact of reference and backend
+        agreement_of = None
+        if looser == "int8":
+            def agreement_of(heads=heads):
+                from .metrics import MAP_THRESH, agreement
+
+                ref = postprocess(outs[0][0], spec, sizes, thresh=MAP_THRESH, nms=nms, letterbox=lb)
+                test = postprocess(heads, spec, sizes, thresh=MAP_THRESH, nms=nms, letterbox=lb)
+                if sum(int((d.scores > thresh).sum()) for d in ref) == 0:
+                    return None
+                return float(agreement(ref, test, spec.classes, ref_thresh=thresh).map_gt)
         res = compare_runs(outs[0][0], outs[0][1], heads, dets, r.name, looser, thresh=thresh,
-                           tol_head=tol_head, tol_score=tol_score)
+                           tol_head=tol_head, tol_score=tol_score, agreement_of=agreement_of)
         res.precision = p
         results.append(res)
     return ParityReport(runners[0].name, len(images), results)
-
-
-def int8_report(model, int8_onnx, spec, calib, *, thresh=0.25, nms=0.45, progress=None) -> str:
-    """How INT8 detections differ from FP32 (the torch model) on the calibration images."""
-    from .preprocess import list_images
-    from .runners import runner_class
-
-    files = list_images(calib)
-    it = progress(files) if progress else files
-    total = DetectionDiff()
-    n = 0
-    torch_runner = runner_class("torch")(None, model=model)
-    with torch_runner as ref, runner_class("onnxruntime")(int8_onnx) as q:
-        for f in it:
-            try:
-                im = load_image(f)
-            except DarkconvError:
-                continue
-            x = preprocess_batch([im], (spec.width, spec.height), spec.letter_box)
-            size = [(im.shape[1], im.shape[0])]
-            a = postprocess(ref.infer(x), spec, size, thresh=thresh, nms=nms)[0]
-            b = postprocess(q.infer(x), spec, size, thresh=thresh, nms=nms)[0]
-            total.add(compare_detections(a, b))
-            n += 1
-    d = total.as_dict()
-    return (f"INT8 vs FP32 on {n} calibration image(s): {d['matched']} matched, {d['lost']} lost, {d['new']} new, "
-            f"mean |Δscore| {d['mean_dscore']:.4f}, max |Δscore| {d['max_dscore']:.4f}")

@@ -71,7 +71,7 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
 
     A cfg on onnxruntime is exported to a temporary ONNX first (in ``workdir``), so that
     the same cfg + weights can be compared across backends; INT8 is calibrated on ``calib``
-    (U8S8, the Q/DQ flavour ONNX Runtime runs fastest).
+    with the recipe chosen for this CPU (``export.quantize.choose_recipe``).
     """
     backend = canonical(backend or default_backend(model))
     kind = model_kind(model)

@@ -14,6 +14,9 @@ from .common import PRECISIONS, _die, handle_errors, main, parse_size
               help="precision of the exported backends (torch and opencv stay FP32)")
 @click.option("--images", multiple=True, type=click.Path(exists=True),
               help="images or directories [default: darkconv's bundled sample images]")
+@click.option("--calib", multiple=True, type=click.Path(exists=True),
+              help="INT8 calibration images, never the judged ones [default: darkconv's zoo photos "
+                   "(scikit-image and matplotlib sample photographs, fetched once)]")
 @click.option("--thresh", type=click.FloatRange(0, 1), default=0.25, show_default=True)
 @click.option("--nms", type=click.FloatRange(0, 1), default=0.45, show_default=True)
 @click.option("--size", help="network input WxH")
@@ -22,7 +25,7 @@ from .common import PRECISIONS, _die, handle_errors, main, parse_size
 @click.option("--tol-score", type=float, default=None, help="max |Δscore| [default per precision]")
 @click.option("--threads", type=click.IntRange(1), default=None)
 @handle_errors
-def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, tol_head, tol_score, threads):
+def parity(cfg, weights, backends, precision, images, calib, thresh, nms, size, batch, tol_head, tol_score, threads):
     """Run the same images through several backends and compare heads and detections."""
     import tempfile
 
@@ -35,13 +38,14 @@ def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, 
     if len(names) < 2:
         raise click.BadParameter("give at least two backends", param_hint="--backends")
     imgs, files = load_images(images or [DATA])
+    calib_files = held_out_calibration(calib, files) if precision == "int8" else None
     runners, precisions = [], []
     with tempfile.TemporaryDirectory(prefix="darkconv-parity-") as tmp:
         for b in names:
             b = canonical(b)
             p = precision if b == "onnxruntime" else "fp32"
             r = open_runner(cfg, weights, b, threads=threads, width=width, height=height, precision=p,
-                            calib=files if p == "int8" else None, workdir=tmp)
+                            calib=calib_files if p == "int8" else None, workdir=tmp)
             runners.append(r)
             precisions.append(p)
         for r in runners:
@@ -55,3 +59,26 @@ def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, 
     click.echo(f"\n{report.images} image(s), reference {report.reference}:\n" + report.table())
     if not report.ok:
         _die("backends disagree beyond tolerance (see table)", 1)
+
+
+def held_out_calibration(calib, judged: list[str]) -> list[str]:
+    """INT8 calibration images that are not among the judged ones (held-out parity)."""
+    from pathlib import Path
+
+    from ..errors import DarkconvError
+    from ..preprocess import list_images
+
+    if calib:
+        files = [str(p) for p in list_images(list(calib))]
+    else:
+        from .. import zoo
+        try:
+            files = [str(p) for p in zoo.fetch_images("photos", log=lambda m: click.echo(m, err=True))]
+        except DarkconvError as e:
+            raise DarkconvError(f"{e} (or pass --calib DIR with images other than the judged ones)") from None
+    judged_set = {Path(f).resolve() for f in judged}
+    held_out = [f for f in files if Path(f).resolve() not in judged_set]
+    if not held_out:
+        raise DarkconvError("--calib gives only images that are also judged: INT8 parity calibrates on other "
+                            "images than it judges; pass a different --calib DIR")
+    return held_out

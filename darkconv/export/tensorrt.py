@@ -84,6 +84,21 @@ def require_tensorrt() -> tuple[str, str, str]:
     return str(getattr(trt, "__version__", "unknown")), name, cc
 
 
+def refuse_non_tensorrt_int8(onnx_path) -> None:
+    """An INT8 ONNX made for ONNX Runtime (U8 activations, non-zero zero points, INT32 bias) must never
+    reach TensorRT's builder: ExportError naming the file and the fix."""
+    import onnx
+
+    from .quantize import tensorrt_refusal
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
+        return
+    why = tensorrt_refusal(proto)
+    if why:
+        raise ExportError(why, file=str(onnx_path))
+
+
 # -- CUDA helpers (shared with the runner) ---------------------------------------------
 def _err_name(err) -> str:
     return getattr(err, "name", None) or str(err)
@@ -323,6 +338,8 @@ def build_engine(onnx_path, engine_path, spec: ModelSpec, precision: str, batch=
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     b = _norm_batch(batch)
+    if Path(onnx_path).is_file():  # before TensorRT is even imported: a U8S8 model never reaches the builder
+        refuse_non_tensorrt_int8(onnx_path)
     trt = _import_tensorrt()
     gpu, cc = gpu_info()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)

@@ -2,11 +2,31 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
 from ..errors import BackendUnavailable, DarkconvError
 from .base import Runner
+
+
+_WARNED: set[str] = set()
+
+
+def int8_warning(path) -> str | None:
+    """The saturation warning for an INT8 model whose recipe is known to saturate on this CPU, else None."""
+    import onnx
+
+    from ..cpu import cpu_info
+    from ..export.quantize import saturation_warning
+
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001 - read_spec already reported unreadable files
+        return None
+    if not meta.get("darkconv.precision", "").startswith("int8"):
+        return None
+    return saturation_warning(meta, cpu_info())
 
 
 class OnnxRuntimeRunner(Runner):
@@ -18,6 +38,10 @@ class OnnxRuntimeRunner(Runner):
         from ..export.onnx import read_spec
 
         self.spec = read_spec(self.path)
+        self.warning = int8_warning(self.path)
+        if self.warning and self.path not in _WARNED:  # once per model file and process, one line
+            _WARNED.add(self.path)
+            print(f"darkconv: warning: {self.path}: {self.warning}", file=sys.stderr)
 
     def activate(self):
         try:
