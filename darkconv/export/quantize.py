@@ -352,7 +352,7 @@ def build_qdq(fp32_path, r: Recipe, calib: Calibration, *, float_layers=(), work
     os.unlink(out)
     if r.target == "tensorrt":
         if r.placement == "tensorrt":
-            tensorrt_placement(q)
+            tensorrt_placement(q, calib.ranges())
         if float_layers:
             fp16_islands(q, float_layers)
     return q
@@ -407,16 +407,18 @@ def _graph_maps(g):
     return producer, consumers
 
 
-def tensorrt_placement(q: onnx.ModelProto) -> None:
+def tensorrt_placement(q: onnx.ModelProto, ranges: dict) -> None:
     """Adjust a Q/DQ graph (Conv/MaxPool/Concat/Add inputs quantized) to TensorRT's placement rules.
 
     TensorRT's explicit quantization ("Working with Quantized Types", Q/DQ placement recommendations)
     and NVIDIA ModelOpt's ONNX rules: quantize every input of a weighted op and the inputs of MaxPool
     and Concat so that INT8 flows between convs; for a residual Add, quantize only the residual input
     (the other, a conv's output, is fused into that conv as its epilogue); give every input of a Concat
-    one scale (ModelOpt's concat elimination: the concat becomes a copy). Zero points stay 0.
+    one scale (ModelOpt's concat elimination: the concat becomes a copy). ONNX Runtime's quantizer only
+    quantizes a MaxPool whose input is already quantized, so a Q/DQ pair (symmetric, from the calibrated
+    range ``ranges``) is added in front of every other MaxPool. Zero points stay 0.
     """
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     g = q.graph
     producer, consumers = _graph_maps(g)
@@ -431,16 +433,14 @@ def tensorrt_placement(q: onnx.ModelProto) -> None:
             return None
         return qn, dq, qn.input[0]
 
-    def from_conv(tensor) -> bool:  # produced by a Conv (+ pointwise activation ops) used only here
-        seen = 0
-        n = producer.get(tensor)
+    def from_conv(tensor) -> bool:  # produced by a Conv, possibly through its pointwise activation ops
+        n, seen = producer.get(tensor), 0
         while n is not None and seen < 6:
             if n.op_type == "Conv":
                 return True
             if n.op_type not in ("LeakyRelu", "Relu", "Sigmoid", "Tanh", "Softplus", "Mul"):
                 return False
-            n = producer.get(n.input[0])
-            seen += 1
+            n, seen = producer.get(n.input[0]), seen + 1
         return False
 
     remove: set[str] = set()
@@ -449,11 +449,15 @@ def tensorrt_placement(q: onnx.ModelProto) -> None:
             chains = [dq_chain(t) for t in node.input]
             if not all(chains):
                 continue
-            fused = [k for k, c in enumerate(chains) if from_conv(c[2]) and len(consumers.get(c[2], [])) <= 2]
-            if len(fused) >= 1:
-                k = fused[-1]  # Darknet [shortcut]: the previous layer (last input) is the conv being fused
-                qn, dq, orig = chains[k]
-                node.input[k] = orig
+            # Darknet [shortcut] in layer i adds layer i-1 (the conv to fuse) and an earlier layer (the residual)
+            i = layer_of(node.name)
+            prev = [k for k, c in enumerate(chains) if from_conv(c[2]) and i is not None
+                    and layer_of(producer[c[2]].name) == i - 1]
+            only_here = [k for k, c in enumerate(chains) if from_conv(c[2]) and len(consumers.get(c[2], [])) == 1]
+            fused = prev or only_here
+            if len(fused) == 1:
+                qn, dq, orig = chains[fused[0]]
+                node.input[fused[0]] = orig
                 remove.update({qn.name, dq.name})
         elif node.op_type == "Concat":
             chains = [dq_chain(t) for t in node.input]
@@ -461,12 +465,27 @@ def tensorrt_placement(q: onnx.ModelProto) -> None:
                 continue
             scales = [inits[c[1].input[1]] for c in chains]
             s = max(float(numpy_helper.to_array(t)) for t in scales)
+            name = f"{node.name}_shared_scale"
+            g.initializer.append(numpy_helper.from_array(np.array(s, np.float32), name))
             for c in chains:
                 for nd in (c[0], c[1]):
-                    name = f"{nd.name}_concat_scale"
-                    g.initializer.append(numpy_helper.from_array(np.array(s, np.float32), name))
                     nd.input[1] = name
-    keep = [n for n in g.node if n.name not in remove]
+    keep = []
+    for n in g.node:
+        if n.name in remove:
+            continue
+        x = n.input[0] if n.input else None
+        if n.op_type == "MaxPool" and dq_chain(x) is None and x in ranges:
+            a = max(abs(ranges[x][0]), abs(ranges[x][1])) or 1.0
+            base = f"{n.name}_input"
+            g.initializer.extend([numpy_helper.from_array(np.array(a / 127.0, np.float32), f"{base}_scale"),
+                                  numpy_helper.from_array(np.array(0, np.int8), f"{base}_zero_point")])
+            keep.append(helper.make_node("QuantizeLinear", [x, f"{base}_scale", f"{base}_zero_point"], [f"{base}_q"],
+                                         name=f"{base}_QuantizeLinear"))
+            keep.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_scale", f"{base}_zero_point"],
+                                         [f"{base}_dq"], name=f"{base}_DequantizeLinear"))
+            n.input[0] = f"{base}_dq"
+        keep.append(n)
     del g.node[:]
     g.node.extend(keep)
     used = {i for n in g.node for i in n.input}
