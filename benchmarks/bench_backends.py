@@ -8,7 +8,7 @@ real file; speed does not depend on the weight values). Backends:
 * OpenCV DNN as its users run it: ``cv2.dnn.readNetFromDarknet``, ``cv2.setNumThreads(T)``,
   ``DNN_BACKEND_OPENCV`` / ``DNN_TARGET_CPU``, ``forward`` to the unconnected out layers;
 * darkconv torch FP32 (``torch.set_num_threads(T)``);
-* darkconv ONNX Runtime FP32 and INT8 (U8S8 Q/DQ, ``int8_target="onnxruntime"``, calibrated on
+* darkconv ONNX Runtime FP32 and INT8 (the Q/DQ recipe chosen for this CPU, ``int8_target="onnxruntime"``, calibrated on
   darkconv's bundled sample images), ``intra_op_num_threads=T``;
 * TensorRT, when it and a GPU are present (otherwise listed as not measured, with the reason).
 
@@ -143,7 +143,7 @@ def bench_model(name, cfg, weights, *, random_weights, threads, batches, rounds,
     plans = [("torch_fp32", dict(model=cfg, weights=weights, backend="torch"), "darkconv torch FP32"),
              ("ort_fp32", dict(model=onnx_fp32, backend="onnxruntime"), "darkconv ORT FP32"),
              ("ort_int8", dict(model=cfg, weights=weights, backend="onnxruntime", precision="int8"),
-              "darkconv ORT INT8 (U8S8)"),
+              "darkconv ORT INT8 (recipe for this CPU)"),
              ("tensorrt", dict(model=cfg, weights=weights, backend="tensorrt", precision="fp16"),
               "darkconv TensorRT FP16")]
     for key, kw, label in plans:

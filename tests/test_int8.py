@@ -444,3 +444,18 @@ def test_cli_convert_int8_auto_split(default_model, tmp_path):
     assert "every third --calib image by name held out (giraffe.jpg)" in r.output and "4 left to calibrate" in r.output
     rec = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}[qz.INT8_KEY])
     assert rec["check"]["names"] == ["giraffe.jpg"] and "giraffe.jpg" not in rec["calibration"]["names"]
+
+
+@pytest.mark.slow
+def test_cli_budget_needs_check_images_with_detections(yolov4_tiny_10, tmp_path):
+    """yolov4-tiny-10 (faces, clothing, weapons) finds nothing above 0.25 on dog.jpg / eagle.jpg: a held-out
+    check there proves nothing, so a budget cannot be judged: one-line error, nothing written."""
+    check = tmp_path / "check"
+    check.mkdir()
+    for n in ("dog.jpg", "eagle.jpg"):
+        (check / n).write_bytes((DATA / n).read_bytes())
+    out = tmp_path / "q.onnx"
+    r = _convert([str(yolov4_tiny_10.cfg), str(yolov4_tiny_10.weights), "--precision", "int8", "--calib", str(DATA),
+                  "--check", str(check), "--int8-budget", "0.97", "-o", str(out)])
+    assert r.exit_code == 1 and "detects nothing above 0.25" in r.output and "dog.jpg" in r.output
+    assert r.output.strip().splitlines()[-1].startswith("darkconv: error:") and not out.exists()

@@ -91,7 +91,10 @@ def refuse_non_tensorrt_int8(onnx_path) -> None:
 
     from .quantize import tensorrt_refusal
 
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ONNX at all: TensorRT's parser will say so
+        return
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
         return
     why = tensorrt_refusal(proto)
