@@ -99,7 +99,7 @@ def compare_runs(ref_heads, ref_dets, heads, dets, name, precision, *, thresh, t
         r.agreement = agreement_of()
         if r.agreement is not None and r.agreement < INT8_MIN_AGREEMENT:
             r.reasons.append(f"agreement {r.agreement:.4f} < {INT8_MIN_AGREEMENT}")
-    else:
+    if r.agreement is None:  # no agreement to judge by (not INT8, or no reference detections): firm flips
         firm = [s for _, s in r.diff.lost_items + r.diff.new_items if s > thresh + ts]
         if firm:
             r.reasons.append(f"{len(firm)} detection(s) lost/new with score up to {max(firm):.2f}")
