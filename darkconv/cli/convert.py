@@ -25,7 +25,7 @@ RECIPE_NAMES = tuple(_RECIPES)
                    "--calib image by name is held out and not used for calibration]")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
               help="[default: percentile for onnxruntime, minmax for tensorrt: the best held-out agreement on "
-                   "the real yolov3-tiny and yolov4-tiny-10; entropy (2048 bins) was never better and is ~30x slower]")
+                   "the real yolov3-tiny and yolov4-tiny-10; entropy (2048 bins) was never better and is ~15x slower]")
 @click.option("--int8-target", type=click.Choice(["tensorrt", "onnxruntime"]), default=None,
               help="onnxruntime: the recipe this CPU runs accurately and fast (chosen from its features); "
                    "tensorrt: symmetric S8S8 Q/DQ for TensorRT's parser [default: tensorrt with --engine, "
