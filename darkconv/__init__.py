@@ -19,3 +19,11 @@ def load(cfg_path, weights_path=None, *, width: int | None = None, height: int |
     if weights_path is not None:
         model.load_weights(weights_path)
     return model
+
+
+def evaluate(model, weights=None, data=None, **kwargs):
+    """Darknet's ``detector map``, COCO metrics or agreement of ``model`` on ``data``; see
+    :func:`darkconv.eval.evaluate` for the options. Returns an :class:`darkconv.eval.EvalResult`."""
+    from .eval import evaluate as _evaluate
+
+    return _evaluate(model, weights, data, **kwargs)

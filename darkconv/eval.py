@@ -336,7 +336,13 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
         if coco:
             gt = (cocolib.subset_ground_truth(ds.coco, ids) if use_annotations
                   else cocolib.ground_truth(truths, sizes, ids, cat_ids, class_names))
+            if agreement:  # the same detections as the reference's (map settings): identical runs give 1.0
+                rows = []
+                for d, sz, iid in zip(dets, sizes, ids):
+                    rows += cocolib.detector_valid_entries(d, sz, iid, cat_ids)
             coco_out = cocolib.coco_metrics(gt, cocolib.rows_as_results(rows))
+            coco_out["detections_from"] = ({"thresh": metrics.MAP_THRESH, "nms": metrics.MAP_NMS} if agreement
+                                           else {"thresh": cocolib.VALID_THRESH, "nms": cocolib.VALID_NMS})
             names_of = {c["id"]: c["name"] for c in gt["categories"]}
             for c in coco_out["per_category"]:
                 c["name"] = names_of.get(c["category_id"])
@@ -380,8 +386,11 @@ def format_coco(result: EvalResult) -> str:
             ("AP small / medium / large", (s["AP_small"], s["AP_medium"], s["AP_large"])),
             ("AR @1 / @10 / @100", (s["AR_1"], s["AR_10"], s["AR_100"])),
             ("AR small / medium / large", (s["AR_small"], s["AR_medium"], s["AR_large"]))]
-    lines = [f"COCO metrics ({c['library']} {c['version']}; {c['detections']} detections as `detector valid`: "
-             f"thresh {cocolib.VALID_THRESH}, NMS {cocolib.VALID_NMS}; image ids from {c['image_ids']}, "
+    src = c["detections_from"]
+    how = ("the detections of `detector map`, like the reference's" if result.mode == "agreement"
+           else "`detector valid`")
+    lines = [f"COCO metrics ({c['library']} {c['version']}; {c['detections']} detections as {how}: "
+             f"thresh {src['thresh']}, NMS {src['nms']}; image ids from {c['image_ids']}, "
              f"category ids from {c['category_ids']})"]
     for label, v in rows:
         val = " / ".join(_pct(x) for x in v) if isinstance(v, tuple) else _pct(v)
