@@ -141,7 +141,8 @@ def rows_as_results(rows: Sequence[tuple]) -> list[dict]:
 # --------------------------------------------------------------------------- ground truth
 def ground_truth(truths: Sequence[Truth], sizes: Sequence[tuple[int, int]], ids: Sequence[int],
                  cat_ids: Sequence[int | None], names) -> dict:
-    """A COCO ground-truth dict from relative YOLO boxes (area = box area in pixels, no crowd)."""
+    """A COCO ground-truth dict from relative YOLO boxes, clipped to the image like ``print_cocos`` clips the
+    detections (area = box area in pixels, no crowd)."""
     images, anns = [], []
     for t, (w, h), iid in zip(truths, sizes, ids):
         images.append({"id": int(iid), "width": int(w), "height": int(h), "file_name": str(iid)})
@@ -149,7 +150,9 @@ def ground_truth(truths: Sequence[Truth], sizes: Sequence[tuple[int, int]], ids:
             cat = cat_ids[int(c)]
             if cat is None:
                 continue
-            box = [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]
+            x0, y0 = max((cx - bw / 2) * w, 0.0), max((cy - bh / 2) * h, 0.0)   # clipped like the detections
+            x1, y1 = min((cx + bw / 2) * w, float(w)), min((cy + bh / 2) * h, float(h))
+            box = [x0, y0, max(x1 - x0, 0.0), max(y1 - y0, 0.0)]
             anns.append({"id": len(anns) + 1, "image_id": int(iid), "category_id": int(cat), "bbox": box,
                          "area": box[2] * box[3], "iscrowd": 0})
     cats = [{"id": int(c), "name": str(n)} for c, n in zip(cat_ids, names) if c is not None]

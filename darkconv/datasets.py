@@ -293,13 +293,13 @@ def _read_list(path: Path) -> list[str]:
 
 def _bases(data_file: Path) -> list[Path]:
     folder = data_file.resolve().parent
-    return [Path.cwd(), folder, folder.parent]
+    return [folder, folder.parent]
 
 
 def _pick_base(rel: str, data_file: Path, what: str, line: int) -> Path:
     """The folder relative paths of this .data are resolved against (see the module docstring)."""
-    if Path(rel).is_absolute():
-        return Path("/")
+    if Path(rel).is_absolute() or Path(rel).exists():
+        return Path()                       # as Darknet: as given, relative to the current directory
     for base in _bases(data_file):
         if (base / rel).exists():
             return base
@@ -308,9 +308,12 @@ def _pick_base(rel: str, data_file: Path, what: str, line: int) -> Path:
                        "from .data lines)", file=str(data_file), line=line)
 
 
-def _images_with_labels(paths: list[str], base: Path, classes: int | None) -> list[LabelledImage]:
+def _images_with_labels(paths: list[str], base: Path, classes: int | None, labels: bool = True) -> list[LabelledImage]:
     items = []
     for raw in paths:
+        if not labels:
+            items.append(LabelledImage(Path(raw) if Path(raw).is_absolute() else base / raw))
+            continue
         label = replace_image_to_label(raw)
         img = Path(raw) if Path(raw).is_absolute() else base / raw
         lab = Path(label) if Path(label).is_absolute() else base / label
@@ -320,8 +323,8 @@ def _images_with_labels(paths: list[str], base: Path, classes: int | None) -> li
     return items
 
 
-def load_darknet(data_file, classes: int | None = None) -> Dataset:
-    """A Darknet ``.data`` file: its ``valid=`` images with their YOLO labels."""
+def load_darknet(data_file, classes: int | None = None, labels: bool = True) -> Dataset:
+    """A Darknet ``.data`` file: its ``valid=`` images with their YOLO labels (``labels=False``: images only)."""
     from .pipeline import read_names
 
     data_file = Path(data_file)
@@ -338,7 +341,7 @@ def load_darknet(data_file, classes: int | None = None) -> Dataset:
     valid, vline = opts["valid"]
     base = _pick_base(valid, data_file, "valid", vline)
     notes = []
-    if base != Path.cwd() and not Path(valid).is_absolute():
+    if base != Path():
         notes.append(f"{data_file}: relative paths resolved against {base} (not found relative to the current "
                      "directory, where Darknet opens them)")
     names_rel, nline = opts["names"]
@@ -357,8 +360,8 @@ def load_darknet(data_file, classes: int | None = None) -> Dataset:
     paths = _read_list(valid_path)
     if not paths:
         raise DatasetError("the image list is empty", file=str(valid_path))
-    items = _images_with_labels(paths, base, classes)
-    return Dataset("darknet", src, items, names=names, classes=n_classes, notes=notes)
+    items = _images_with_labels(paths, base, classes, labels)
+    return Dataset("darknet" if labels else "images", src, items, names=names, classes=n_classes, notes=notes)
 
 
 def load_images_only(inputs) -> list[Path]:
@@ -494,9 +497,10 @@ def map_coco_categories(categories: list[dict], names) -> dict[int, int]:
 
 
 # --------------------------------------------------------------------------- entry point
-def load_dataset(data, *, images=None, classes: int | None = None) -> Dataset:
+def load_dataset(data, *, images=None, classes: int | None = None, labels: bool = True) -> Dataset:
     """``data``: a ``.data`` file, a COCO ``.json`` (with ``images`` = its image folder), or image
-    folders / files / ``.txt`` lists (labels found by Darknet's rule; none found -> ``kind='images'``)."""
+    folders / files / ``.txt`` lists (labels found by Darknet's rule; none found -> ``kind='images'``).
+    ``labels=False`` (agreement mode): only the images, no label file is read."""
     items = list(data) if isinstance(data, (list, tuple)) else [data]
     if not items:
         raise DatasetError("no dataset given")
@@ -505,7 +509,7 @@ def load_dataset(data, *, images=None, classes: int | None = None) -> Dataset:
         if images is not None:
             raise DatasetError("--images goes with a COCO annotations JSON; a .data file lists its images in valid=",
                                file=str(first))
-        return load_darknet(first, classes)
+        return load_darknet(first, classes, labels)
     if len(items) == 1 and first.suffix.lower() == ".json":
         return load_coco(first, images)
     if images is not None:
@@ -513,5 +517,7 @@ def load_dataset(data, *, images=None, classes: int | None = None) -> Dataset:
     for p in items:
         if not Path(p).exists():
             raise DatasetError("no such file or folder", file=str(p))
+    if not labels:
+        return Dataset("images", ", ".join(map(str, items)), [LabelledImage(Path(f)) for f in load_images_only(items)])
     return load_folder(items, classes)
 

@@ -243,10 +243,10 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
     if data is None:
         raise DarkconvError("no DATA: give a .data file, a COCO annotations JSON (with --images) or images with --ref")
     t_start = time.perf_counter()
-    ds = load_dataset(data, images=images)
+    agreement = ref is not None
+    ds = load_dataset(data, images=images, labels=not agreement)
     if limit is not None:
         ds = ds.limit(int(limit))
-    agreement = ref is not None
     if not agreement and ds.kind == "images":
         raise DatasetError(f"{ds.source}: no labels found (no YOLO .txt where Darknet looks for them): pass a .data "
                            "file, a COCO annotations JSON with --images, or --ref BACKEND to measure agreement "
@@ -273,7 +273,8 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
             class_names = tuple(resolve_names(spec, names))
             if ds.names is not None and names is None and len(ds.names) == classes:
                 class_names = tuple(ds.names)
-            ds.bind(classes, class_names)
+            if not (agreement and ds.kind == "coco"):     # agreement: the annotations' categories are not used
+                ds.bind(classes, class_names)
             if agreement:
                 rs = runners[1].spec
                 if rs.classes != classes:
