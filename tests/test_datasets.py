@@ -37,6 +37,7 @@ from darkconv.pipeline import DATA
     ("x.PNG", "x.txt"), ("x.bmp", "x.txt"), ("x.BMP", "x.txt"), ("x.ppm", "x.txt"), ("x.PPM", "x.txt"),
     ("x.tiff", "x.txt"), ("x.TIFF", "x.txt"),
     ("a.jpg.png", "a.jpg.txt"), ("a.png.jpg", "a.png.txt"), ("/d/x.jpg/y.png", "/d/x.jpg/y.txt"),
+    ("/d/x.jpg/y.jpg", "/d/x.jpg/y.txt"),
     # spaces / tabs at both ends are trimmed before the extension is replaced
     ("  /d/x.jpg \t", "/d/x.txt"),
 ])
