@@ -83,8 +83,8 @@ class EvalResult:
 # --------------------------------------------------------------------------- the detection loop
 def detect_dataset(runners, paths: Sequence, posts: Sequence[Sequence[tuple[float, float]]], *, batch: int = 1,
                    letterbox=None, timings: dict | None = None, on_batch=None, check_size=None):
-    """Run ``paths`` through every runner; the next batches are decoded and preprocessed in a worker
-    thread while the current one is inferred (2 batches ahead).
+    """Run ``paths`` through every runner; the next batches are decoded and preprocessed in one worker
+    thread (2 batches ahead) and the heads postprocessed in another while the current batch is inferred.
 
     ``posts[r]``: the (thresh, nms) settings the postprocessor applies to runner ``r``'s heads.
     Returns ``(sizes, out)`` with ``out[r][s]`` = one :class:`Detections` per image. ``check_size(i,
@@ -107,45 +107,57 @@ def detect_dataset(runners, paths: Sequence, posts: Sequence[Sequence[tuple[floa
         t0 = time.perf_counter()
         ims = load_images(chunk)
         t1 = time.perf_counter()
-        for p, im in zip(chunk, ims):
+        for im in ims:
             if isinstance(im, ImageError):
                 return im, None, t1 - t0, 0.0
         x = preprocess_batch(ims, size, lb)
         return None, (x, [(im.shape[1], im.shape[0]) for im in ims]), t1 - t0, time.perf_counter() - t1
 
-    out = [[[] for _ in p] for p in posts]
+    def post(r, heads, sz):
+        t0 = time.perf_counter()
+        res = [postprocess(heads, runners[r].spec, sz, thresh=thr, nms=nms, letterbox=lb) for thr, nms in posts[r]]
+        return res, time.perf_counter() - t0
+
+    posted = []                       # futures of the postprocessing, in input order
     sizes: list[tuple[int, int]] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkconv-eval") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkconv-eval-pre") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkconv-eval-post") as post_pool:
         pending = deque(pool.submit(prepare, c) for c in chunks[:2])
-        nxt = 2
-        done = 0
-        while pending:
-            err, ready, t_dec, t_pre = pending.popleft().result()
-            if nxt < len(chunks):
-                pending.append(pool.submit(prepare, chunks[nxt]))
-                nxt += 1
-            if err is not None:
-                for f in pending:
-                    f.cancel()
-                raise err
-            x, sz = ready
-            t["decode"] += t_dec
-            t["preprocess"] += t_pre
-            if check_size:
-                for k, s in enumerate(sz):
-                    check_size(done + k, s)
-            for r, runner in enumerate(runners):
-                t0 = time.perf_counter()
-                heads = runner.infer(x)
-                t1 = time.perf_counter()
-                for s, (thr, nms) in enumerate(posts[r]):
-                    out[r][s] += postprocess(heads, runner.spec, sz, thresh=thr, nms=nms, letterbox=lb)
-                t["postprocess"] += time.perf_counter() - t1
-                t["inference"] += t1 - t0
-            sizes += sz
-            done += len(sz)
-            if on_batch:
-                on_batch(len(sz))
+        nxt, waited = 2, 0
+        try:
+            while pending:
+                err, ready, t_dec, t_pre = pending.popleft().result()
+                if nxt < len(chunks):
+                    pending.append(pool.submit(prepare, chunks[nxt]))
+                    nxt += 1
+                if err is not None:
+                    raise err
+                x, sz = ready
+                t["decode"] += t_dec
+                t["preprocess"] += t_pre
+                if check_size:
+                    for k, s in enumerate(sz):
+                        check_size(len(sizes) + k, s)
+                for r, runner in enumerate(runners):
+                    t0 = time.perf_counter()
+                    heads = runner.infer(x)
+                    t["inference"] += time.perf_counter() - t0
+                    posted.append((r, post_pool.submit(post, r, heads, sz)))
+                while len(posted) - waited > 4 * len(runners):    # bounded: heads wait for at most 4 batches
+                    posted[waited][1].result()
+                    waited += 1
+                sizes += sz
+                if on_batch:
+                    on_batch(len(sz))
+        finally:
+            for f in pending:
+                f.cancel()
+    out = [[[] for _ in p] for p in posts]
+    for r, f in posted:
+        res, dt = f.result()
+        t["postprocess"] += dt
+        for s, dets in enumerate(res):
+            out[r][s] += dets
     return sizes, out
 
 
@@ -218,12 +230,13 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
              precision: str | None = None, calib=None, ref=None, ref_thresh: float = 0.25,
              iou_thresh: float = 0.5, points: int = 0, thresh: float = 0.25, letterbox: bool | None = None,
              names=None, batch: int = 1, threads: int | None = None, size: tuple[int, int] | None = None,
-             coco: bool = True, coco_json=None, limit: int | None = None, progress=None, log=None) -> EvalResult:
+             ref_model=None, ref_weights=None, coco: bool = True, coco_json=None, limit: int | None = None, progress=None, log=None) -> EvalResult:
     """Evaluate ``model`` (cfg + weights, .onnx or engine) on ``data``.
 
     ``data``: a Darknet ``.data``, a COCO annotations ``.json`` (with ``images`` = its image folder),
     or image folders / files / ``.txt`` lists; with ``ref`` (``"torch"``, ``"onnxruntime:fp16"``...)
-    the reference's detections with score > ``ref_thresh`` are the truths instead of any labels.
+    the reference's detections with score > ``ref_thresh`` are the truths instead of any labels; the
+    reference runs ``model`` too, or ``ref_model`` (+ ``ref_weights``), e.g. the cfg behind an engine.
     ``backend``/``precision``/``calib`` choose the run under test (INT8 of a cfg is calibrated on
     ``calib``). ``iou_thresh``, ``points`` (0 = area under the curve, 11, 101) and ``thresh`` are
     ``detector map``'s ``-iou_thresh``, ``-points`` and ``-thresh``; ``letterbox`` None = the cfg's.
@@ -261,12 +274,15 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
         ref_info = None
         if agreement:
             rb, rp = parse_ref(ref)
-            ref_runner, rb, rp = _open(model, weights, rb, rp, threads=threads, width=width, height=height,
+            rm, rw = (ref_model, ref_weights) if ref_model is not None else (model, weights)
+            ref_runner, rb, rp = _open(rm, rw, rb, rp, threads=threads, width=width, height=height,
                                        calib=calib, workdir=workdir, log=log)
             runners.append(ref_runner)
-        for r in runners:
-            r.activate()
+        active = []
         try:
+            for r in runners:
+                r.activate()
+                active.append(r)
             t_load = time.perf_counter() - t0
             spec = runner.spec
             classes = spec.classes
@@ -280,7 +296,7 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
                 if rs.classes != classes:
                     raise DarkconvError(f"the reference has {rs.classes} classes, the model {classes}")
                 ref_info = {"backend": rb, "precision": rp, "runs_on": runners[1].describe(),
-                            "ref_thresh": float(ref_thresh)}
+                            "ref_thresh": float(ref_thresh), "model": str(rm), "weights": str(rw) if rw else None}
             paths = [im.path for im in ds.images]
             want_coco = coco or coco_json is not None
             map_post = (metrics.MAP_THRESH, metrics.MAP_NMS)
@@ -307,7 +323,7 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
             model_info = _model_info(model, weights, backend, precision, runner)
             runs_letterbox = spec.letter_box if letterbox is None else bool(letterbox)
         finally:
-            for r in runners:
+            for r in active:
                 r.deactivate()
 
     t2 = time.perf_counter()

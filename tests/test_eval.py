@@ -121,6 +121,15 @@ def test_agreement_torch_vs_onnxruntime_fp32(default_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_agreement_of_an_onnx_with_its_cfg(default_model, default_onnx):
+    """A converted .onnx against torch running the cfg it came from (--ref-model), on the .data's images."""
+    r = darkconv.evaluate(default_onnx, None, SAMPLES, ref="torch", ref_model=default_model.cfg,
+                          ref_weights=default_model.weights, coco=False)
+    assert r.model["kind"] == "onnx" and r.reference["model"] == str(default_model.cfg)
+    assert r.figure == 1.0 and r.map.tp == 21 and r.dataset["kind"] == "images"
+
+
+@pytest.mark.slow
 def test_cli_demo_writes_json_plot_and_coco_json(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     j, png, cj = tmp_path / "eval.json", tmp_path / "eval.png", tmp_path / "coco.json"
@@ -152,11 +161,14 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(default_model, tmp_path, 
     (tmp_path / "bad.data").write_text("valid=list.txt\nnames=" + str(DATA / "coco.names") + "\n")
     (tmp_path / "not-coco.json").write_text('[{"image_id": 1}]')
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    (tmp_path / "broken.txt").write_text("16 0.5 0.5 0.2 0.2\n")
     cases = [
         (["bad.data"], "img.txt:2: expected 5 values"),
         (["not-coco.json", "--images", "."], "not-coco.json: not a COCO annotations file"),
         (["empty.txt"], "no images found"),
         (["img.jpg", "--plot", "p.jpg"], "the plot is a PNG"),
+        (["broken.jpg"], "broken.jpg: cannot decode the image"),
     ]
     for data, why in cases:
         r = _invoke("eval", default_model.cfg, default_model.weights, *data, "--json", "out.json")

@@ -34,6 +34,9 @@ def _out_path(value, what, suffix=None):
 @click.option("--ref", default=None, metavar="BACKEND[:PRECISION]",
               help="agreement mode: this run's detections (score > --ref-thresh) are the truths, e.g. torch, "
                    "onnxruntime:fp32; DATA may then be any images")
+@click.option("--ref-model", type=click.Path(exists=True, dir_okay=False),
+              help="the reference runs this model (e.g. the cfg behind an .onnx or engine) [default: MODEL]")
+@click.option("--ref-weights", type=click.Path(exists=True, dir_okay=False), help="weights of --ref-model")
 @click.option("--ref-thresh", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="score above which a reference detection is a truth")
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
@@ -58,7 +61,7 @@ def _out_path(value, what, suffix=None):
 @click.option("--size", help="network input WxH (cfg models)")
 @click.option("--limit", type=click.IntRange(1), default=None, help="evaluate only the first N images")
 @handle_errors
-def eval_(args, demo, backend, precision, calib, ref, ref_thresh, images_dir, iou_thresh, points, thresh, letterbox,
+def eval_(args, demo, backend, precision, calib, ref, ref_model, ref_weights, ref_thresh, images_dir, iou_thresh, points, thresh, letterbox,
           names, json_path, plot_path, coco_json, no_coco, batch, threads, size, limit):
     """Darknet-exact mAP, COCO AP and agreement:  eval MODEL [WEIGHTS] DATA
 
@@ -88,6 +91,10 @@ def eval_(args, demo, backend, precision, calib, ref, ref_thresh, images_dir, io
     if Path(model).suffix.lower() == ".cfg" and weights is None:
         raise DarkconvError("eval needs the .weights after the cfg (random weights detect nothing): "
                             "darkconv eval MODEL.cfg MODEL.weights DATA", file=model)
+    if (ref_model or ref_weights) and not ref:
+        raise click.UsageError("--ref-model goes with --ref BACKEND[:PRECISION]")
+    if ref_model and Path(ref_model).suffix.lower() == ".cfg" and not ref_weights:
+        raise DarkconvError("--ref-model CFG needs --ref-weights", file=ref_model)
     width, height = parse_size(size)
     json_path = _out_path(json_path, "json")
     plot_path = _out_path(plot_path, "plot", ".png")
@@ -95,7 +102,8 @@ def eval_(args, demo, backend, precision, calib, ref, ref_thresh, images_dir, io
     result = evaluate(model, weights, data, images=images_dir, backend=backend, precision=precision,
                       calib=list(calib) or None, ref=ref, ref_thresh=ref_thresh, iou_thresh=iou_thresh,
                       points=int(points), thresh=thresh, letterbox=letterbox, names=names, batch=batch,
-                      threads=threads, size=(width, height) if width else None, coco=not no_coco,
+                      threads=threads, size=(width, height) if width else None, ref_model=ref_model,
+                      ref_weights=ref_weights, coco=not no_coco,
                       coco_json=coco_json, limit=limit, progress=progress(desc="eval", unit="img"), log=click.echo)
     click.echo("")
     click.echo(result.map.darknet_report())
