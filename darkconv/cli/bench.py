@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress
+from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress, strict_option
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
@@ -27,6 +27,7 @@ from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write every figure + the environment")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="write a PNG (name must end in .png): latency vs batch, pipeline split")
+@strict_option
 @handle_errors
 def bench(model, weights, backend, precision, batches, warmup, iters, seconds, threads, size, e2e, json_path,
           plot_path):

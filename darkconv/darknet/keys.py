@@ -120,8 +120,7 @@ def _message(section, key: str) -> str:
     known = sorted(USED.get(section.type, frozenset()) | IGNORED.get(section.type, frozenset()))
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return (f"unknown key {key!r} in [{section.name}]{hint}: Darknet ignores it (\"Unused field\"), "
-            "so the layer uses the default instead")
+    return f"unknown key {key!r} in [{section.name}]{hint}: Darknet ignores it (\"Unused field\"), so it has no effect"
 
 
 def check_keys(cfg, strict: bool | None = None) -> list[str]:
@@ -135,9 +134,9 @@ def check_keys(cfg, strict: bool | None = None) -> list[str]:
             err = section.error(_message(section, key), key)
             if strict:
                 more = sum(len(unknown_keys(s)) for s in [cfg.net, *cfg.layers]) - 1
-                raise CfgError(err.bare + (f" ({more} more unknown key{'s' if more != 1 else ''} in the cfg)"
-                                           if more else ""), file=err.file, line=err.line, layer=err.layer,
-                               section=err.section)
+                tail = f"; {more} more unknown key{'s' if more != 1 else ''} in the cfg" if more else ""
+                raise CfgError(f"{err.bare}; with --strict this is an error: fix or remove it{tail}",
+                               file=err.file, line=err.line, layer=err.layer, section=err.section)
             messages.append(str(err))
             warnings.warn(UnknownKeyWarning(str(err)), stacklevel=2)
     return messages
