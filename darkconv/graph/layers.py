@@ -26,6 +26,20 @@ class DarknetModule(nn.Module):
         return []
 
 
+class _NoInitConv2d(nn.Conv2d):
+    """nn.Conv2d without the random init (torch.empty parameters): for models whose .weights are loaded next."""
+
+    def reset_parameters(self):
+        pass
+
+
+class _NoInitLinear(nn.Linear):
+    """nn.Linear without the random init, like :class:`_NoInitConv2d`."""
+
+    def reset_parameters(self):
+        pass
+
+
 # -- convolutional ---------------------------------------------------------------
 class Convolutional(DarknetModule):
     """[convolutional]: conv (+ batchnorm) + bias + activation, optional antialiasing blur.
@@ -36,9 +50,9 @@ class Convolutional(DarknetModule):
 
     def __init__(self, c_in, n, size, stride, pad, dilation, groups, bn, act: Activation, blur=None, init=True):
         super().__init__()
-        args = (c_in, n, size, stride, pad * dilation, dilation, groups)
         # init=False: uninitialised parameters, for a model whose .weights overwrite every one of them
-        self.conv = nn.Conv2d(*args, bias=True) if init else torch.nn.utils.skip_init(nn.Conv2d, *args, bias=True)
+        self.conv = (nn.Conv2d if init else _NoInitConv2d)(c_in, n, size, stride, pad * dilation, dilation, groups,
+                                                            bias=True)
         nn.init.zeros_(self.conv.bias)
         self.bn = bn
         if bn:
@@ -155,7 +169,8 @@ def build_convolutional(s, ctx: BuildContext) -> Built:
         raise s.error(f"size={size} padding={padding} dilation={dilation} gives an invalid output "
                       f"for a {w}x{h} input")
     blur = None
-    workspace = c // groups * size * size * oh * ow  # im2col buffer, before the blur
+    # im2col buffer (get_workspace_size32); with antialiasing also the stride-1 output the blur reads
+    workspace = c // groups * size * size * oh * ow + (n * oh * ow if antialiasing else 0)
     if antialiasing:
         blur, (oh, ow) = _blur(n, antialiasing, (sy, sx), oh, ow)
         if oh < 1 or ow < 1:
@@ -249,14 +264,17 @@ def build_maxpool(s, ctx: BuildContext) -> Built:
     oh, ow = (h + padding - size) // pool_stride[0] + 1, (w + padding - size) // pool_stride[1] + 1
     if oh < 1 or ow < 1:
         raise s.error(f"size={size} is larger than the {w}x{h} input", "size")
+    # MaxPool.forward materialises the padded input (and, with antialiasing, the stride-1 output)
+    workspace = c * (h + padding) * (w + padding) if padding else 0
     blur = None
     if antialiasing:
+        workspace += c * oh * ow
         blur, (oh, ow) = _blur(c, antialiasing, (sy, sx), oh, ow)
         if oh < 1 or ow < 1:
             raise s.error(f"antialiasing={antialiasing} with stride {sx}x{sy} gives an empty output", "antialiasing")
     if blur is None:
-        return Built(MaxPool(size, pool_stride, padding, 0), (c, oh, ow))
-    return Built(lambda init: MaxPool(size, pool_stride, padding, 0, blur()), (c, oh, ow))
+        return Built(MaxPool(size, pool_stride, padding, 0), (c, oh, ow), workspace=workspace)
+    return Built(lambda init: MaxPool(size, pool_stride, padding, 0, blur()), (c, oh, ow), workspace=workspace)
 
 
 class LocalAvgPool(DarknetModule):
@@ -284,7 +302,8 @@ def build_local_avgpool(s, ctx: BuildContext) -> Built:
             or (oh - 1) * sy - padding // 2 >= h:
         raise s.error(f"size={size} padding={padding} gives windows without any input cell for a {w}x{h} "
                       "input (Darknet divides by zero there)", "size")
-    return Built(LocalAvgPool(size, (sy, sx), padding), (c, oh, ow))
+    # LocalAvgPool.forward pads the input and a ones plane
+    return Built(LocalAvgPool(size, (sy, sx), padding), (c, oh, ow), workspace=(c + 1) * (h + padding) * (w + padding))
 
 
 class GlobalAvgPool(DarknetModule):
@@ -610,7 +629,7 @@ class Connected(DarknetModule):
 
     def __init__(self, inputs, outputs, bn, act, init=True):
         super().__init__()
-        self.fc = nn.Linear(inputs, outputs) if init else torch.nn.utils.skip_init(nn.Linear, inputs, outputs)
+        self.fc = (nn.Linear if init else _NoInitLinear)(inputs, outputs)
         self.bn = bn
         if bn:
             self.register_buffer("scales", torch.ones(outputs))

@@ -56,7 +56,7 @@ class MemoryEstimate:
 
     weights: int
     outputs: int      # the input plus every layer output that is a new buffer
-    workspace: int    # the largest im2col workspace
+    workspace: int    # the largest working buffer (im2col, padded input)
     layer_weights: tuple[int, ...]
     layer_outputs: tuple[int, ...]
 
@@ -109,6 +109,13 @@ def check(cfg, plan, input_shape, limits: MemoryLimits | None = None) -> MemoryE
     est = estimate(sections, plan, input_shape)
     raise_w = f"set {WEIGHTS_ENV} (now {_limit(limits.weights)}) to raise the limit"
     raise_a = f"set {ACTIVATIONS_ENV} (now {_limit(limits.activations)}) to raise the limit"
+    c, h, w = input_shape
+    at_input = f"for the {w}x{h} network input at batch 1 (float32)"
+    fix_a = f"check this layer, use a smaller width/height (or --size), or {raise_a}"
+    if _numel(input_shape) * FLOAT_BYTES > limits.activations:
+        raise cfg.net.error(f"the {w}x{h}x{c} network input alone needs {fmt_bytes(_numel(input_shape) * FLOAT_BYTES)}"
+                            f" at batch 1 (float32): use a smaller width/height (or --size), or {raise_a}",
+                            "width" if cfg.net.has("width") else None)
     for i, (s, b) in enumerate(zip(sections, plan)):
         if est.layer_weights[i] > limits.weights:
             keys = b.key if isinstance(b.key, tuple) else (b.key,) if b.key else ()
@@ -117,11 +124,12 @@ def check(cfg, plan, input_shape, limits: MemoryLimits | None = None) -> MemoryE
                           f"check {culprit + '= here' if culprit else 'this layer'}, or {raise_w}", culprit)
         if est.layer_outputs[i] > limits.activations:
             raise s.error(f"its output ({' x '.join(map(str, b.shape))}) needs {fmt_bytes(est.layer_outputs[i])} "
-                          f"at batch 1 (float32): check this layer and the input size, or {raise_a}")
+                          f"{at_input}: {fix_a}")
         if b.workspace * FLOAT_BYTES > limits.activations:
-            shown, culprit = _sizing_keys(s, ("size", "filters"))
-            raise s.error(f"{shown}needs a {fmt_bytes(b.workspace * FLOAT_BYTES)} im2col workspace (Darknet's "
-                          f"get_workspace_size32) at batch 1: check this layer and the input size, or {raise_a}",
+            shown, culprit = _sizing_keys(s, ("size", "filters", "padding"))
+            what = "im2col workspace (Darknet's get_workspace_size32)" if s.type == "convolutional" else \
+                "padded copy of its input"
+            raise s.error(f"{shown}needs a {fmt_bytes(b.workspace * FLOAT_BYTES)} {what} {at_input}: {fix_a}",
                           culprit)
     if est.weights > limits.weights:
         i = max(range(len(plan)), key=lambda k: est.layer_weights[k])
@@ -129,7 +137,6 @@ def check(cfg, plan, input_shape, limits: MemoryLimits | None = None) -> MemoryE
                        f"[{sections[i].type}], {fmt_bytes(est.layer_weights[i])}): {raise_w}", file=cfg.path)
     if est.activations > limits.activations:
         i = max(range(len(plan)), key=lambda k: est.layer_outputs[k])
-        c, h, w = input_shape
         net = cfg.net
         raise net.error(f"at the {w}x{h} network input the layer outputs need {fmt_bytes(est.activations)} at "
                         f"batch 1 (float32; largest: layer {i} [{sections[i].type}] "

@@ -27,7 +27,7 @@ class Built:
     inputs: tuple[int, ...] | None = None  # absolute layer indices fed to forward(); None = previous layer
     head: HeadSpec | None = None
     params: int = 0     # floats this layer reads from the .weights file
-    workspace: int = 0  # floats of Darknet's im2col workspace (get_workspace_size32)
+    workspace: int = 0  # floats of its largest temporary: im2col (get_workspace_size32), padded input
     key: str | None = None  # the option that sizes the parameters (named in a memory error)
 
     def make(self, init: bool = True) -> torch.nn.Module:
