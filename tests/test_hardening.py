@@ -541,3 +541,12 @@ def test_forward_after_linear_schedule_is_unchanged(default_torch_model):
     with torch.no_grad():
         got = m(x)
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_onnx_over_protobuf_limit_is_refused_up_front(tmp_path):
+    from darkconv.export.onnx import to_onnx_model
+
+    text = NET + "\n[convolutional]\nfilters=6\nsize=1\n\n[connected]\noutput=90000\n" + HEAD  # 2.2 GB of weights
+    m = build_model(tmp_path / "big.cfg", text=text, init=False)
+    with pytest.raises(ExportError, match=r"^the model's weights need 2.21 GB, above the 2 GB an ONNX file can hold"):
+        to_onnx_model(m)

@@ -26,6 +26,7 @@ from ..errors import ExportError
 INPUT_NAME = "images"
 SPEC_KEY = "darkconv.spec"
 DEFAULT_OPSET = 18
+PROTOBUF_LIMIT = 2**31 - 2**24  # bytes of inline weights an ONNX protobuf can hold (with room for the graph)
 
 
 def head_names(spec: ModelSpec) -> list[str]:
@@ -39,6 +40,10 @@ def to_onnx_model(model, *, batch: str | int = "dynamic", opset: int = DEFAULT_O
     import torch
 
     spec = spec or model.spec
+    size = model.count_floats() * 4
+    if size > PROTOBUF_LIMIT:  # torch.onnx.export would fail deep inside with a multi-line message
+        raise ExportError(f"the model's weights need {size / 1e9:.2f} GB, above the 2 GB an ONNX file can hold "
+                          "inline (protobuf's limit): darkconv does not write external-data ONNX files")
     m = copy.deepcopy(model).float().eval().fuse()
     n = 1 if batch == "dynamic" else int(batch)
     x = torch.zeros(n, spec.channels, spec.height, spec.width)
