@@ -315,6 +315,33 @@ def test_corrupt_jpeg_is_one_error_and_prints_nothing(tmp_path):
     assert r.stderr == "other stderr output stays\n"
 
 
+def test_parallel_decodes_blame_the_right_image(tmp_path):
+    """Decodes overlap in threads while fd 2 is shared: each corrupt image, and only it, gets its error."""
+    from darkconv.preprocess import load_image, load_images
+
+    data = (DATA / "dog.jpg").read_bytes()
+    marks = [m.start() for m in re.finditer(b"\xff[\xd0-\xd7]", data)]
+    files = []
+    for k in range(16):
+        f = tmp_path / f"{k}.jpg"
+        i = marks[k % len(marks)]
+        f.write_bytes(data if k % 3 else data[:i] + b"\x11" * (5 + k) + data[i:])
+        files.append(f)
+
+    def outcome(r):
+        return r.bare if isinstance(r, ImageError) else r.shape
+
+    serial = []
+    for f in files:
+        try:
+            serial.append(load_image(f).shape)
+        except ImageError as e:
+            serial.append(e.bare)
+    assert sum(isinstance(o, str) for o in serial) == 6
+    for _ in range(3):
+        assert [outcome(r) for r in load_images(files)] == serial
+
+
 def test_detect_corrupt_jpeg_stderr_is_darkconv_lines_only(tmp_path, default_onnx):
     bad = corrupt_jpeg(tmp_path / "bad.jpg")
     r = subprocess.run([sys.executable, "-m", "darkconv", "detect", str(default_onnx), str(bad)],
