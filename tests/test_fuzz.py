@@ -14,13 +14,17 @@ COUNT, SEED = 1500, 13
 
 
 def test_mutations_are_deterministic_and_varied():
-    a = [t for _, _, t in fuzz_cfg.mutants(SEED, 50)]
-    assert a == [t for _, _, t in fuzz_cfg.mutants(SEED, 50)]
-    bases = {b for _, b, _ in fuzz_cfg.mutants(SEED, 200)}
-    assert len(bases) == len(fuzz_cfg.BASES)
+    a = [t for _, _, t in fuzz_cfg.mutants(SEED, 200)]
+    assert a == [t for _, _, t in fuzz_cfg.mutants(SEED, 200)]
+    assert {b for _, b, _ in fuzz_cfg.mutants(SEED, 200)} == {b for b, _ in fuzz_cfg.BASES}
+    texts = {b: (fuzz_cfg.ROOT / b).read_text() for b, _ in fuzz_cfg.BASES}
+    changed = sum(t != texts[b] for _, b, t in fuzz_cfg.mutants(SEED, 200))
+    assert changed >= 180, changed
     rng = random.Random(0)
-    kinds = {fuzz_cfg.number(rng) for _ in range(300)}
-    assert "9" * 6000 in kinds and "2147483648" in kinds and "1" + "0" * 30 in kinds or len(kinds) > 50
+    numbers = {fuzz_cfg.number(rng) for _ in range(400)}
+    assert {"9" * 6000, "2147483648", "-2147483649", "1e39", ""} <= numbers
+    assert any(n.startswith("1000000000000000") for n in numbers)
+    assert any("\x00" in t for _, _, t in fuzz_cfg.mutants(SEED, 400))
 
 
 @pytest.mark.slow

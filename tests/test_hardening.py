@@ -102,6 +102,10 @@ CFG_CASES = [
     ("width-height-100000", tiny((r"^width=416\nheight=416$", "width=100000\nheight=100000")),
      ["the 100000x100000x3 network input alone needs 120 GB at batch 1 (float32): use a smaller width/height "
       "(or --size), or set DARKCONV_MAX_ACTIVATIONS_GB"], "width=100000"),
+    ("maxpool-padded-input", tiny((r"^size=2\nstride=2$", "size=100000\nstride=2\npadding=99999")),  # fuzz, seed 2
+     ["layer 1 [maxpool]: size=100000 padding=99999 needs a 645 GB padded copy of its input for the 416x416 "
+      "network input at batch 1 (float32): check this layer, use a smaller width/height (or --size), or set "
+      "DARKCONV_MAX_ACTIVATIONS_GB"], "size=100000"),
     ("upsample-1e6", NET + "\n[upsample]\nstride=1000000\n" + HEAD,
      ["layer 0 [upsample]: its output (3 x 32000000 x 32000000) needs 12,288 TB for the 32x32 network input at "
       "batch 1 (float32): check this layer, use a smaller width/height (or --size), or set "
