@@ -145,6 +145,15 @@ def test_total_weights_over_the_limit_names_the_largest_layer(tmp_path, monkeypa
     with pytest.raises(CfgError, match=r"t\.cfg: the network needs 35.4 MB of weights in total \(largest: layer 12 "
                                        r"\[convolutional\], 18.9 MB\): set DARKCONV_MAX_WEIGHTS_GB"):
         build_model(tmp_path / "t.cfg", text=tiny(), init=False)
+    monkeypatch.delenv("DARKCONV_MAX_WEIGHTS_GB")
+    monkeypatch.setenv("DARKCONV_MAX_ACTIVATIONS_GB", "0.03")  # outputs 34 MB + im2col 25 MB; 11 MB at most per layer
+    text = tiny()
+    with pytest.raises(CfgError) as e:
+        build_model(tmp_path / "t.cfg", text=text, init=False)
+    assert str(e.value) == (f"{tmp_path / 't.cfg'}:{line_of(text, 'width=416')}: at the 416x416 network input the "
+                            "layer outputs need 58.9 MB at batch 1 (float32; largest: layer 0 [convolutional] 16 x 416 "
+                            "x 416, 11.1 MB): use a smaller width/height (or --size), or set "
+                            "DARKCONV_MAX_ACTIVATIONS_GB (now 30 MB) to raise the limit")
 
 
 def test_real_models_fit_the_default_limits():
@@ -581,3 +590,19 @@ def test_onnx_over_protobuf_limit_is_refused_up_front(tmp_path):
     m = build_model(tmp_path / "big.cfg", text=text, init=False)
     with pytest.raises(ExportError, match=r"^the model's weights need 2.21 GB, above the 2 GB an ONNX file can hold"):
         to_onnx_model(m)
+
+
+@pytest.mark.parametrize("command", ["convert", "detect", "parity", "bench"])
+def test_every_cfg_command_has_strict(command):
+    r = invoke(command, "--help")
+    assert r.exit_code == 0 and "--strict" in r.output and "Darknet does not read" in r.output
+
+
+def test_detect_and_bench_strict_refuse_a_typo(tmp_path, default_model):
+    text = Path(default_model.cfg).read_text().replace("activation=leaky", "activaton=leaky", 1)
+    cfg = tmp_path / "typo.cfg"
+    cfg.write_text(text)
+    where = f"{cfg}:{line_of(text, 'activaton')}: layer 0 [convolutional]: unknown key 'activaton'"
+    one_line_error(invoke("detect", cfg, default_model.weights, DATA / "dog.jpg", "--strict"), where)
+    one_line_error(invoke("bench", cfg, default_model.weights, "--iters", "1", "--warmup", "0", "--strict"), where)
+    assert listing(tmp_path) == ["typo.cfg"]
