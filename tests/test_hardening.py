@@ -606,3 +606,11 @@ def test_detect_and_bench_strict_refuse_a_typo(tmp_path, default_model):
     one_line_error(invoke("detect", cfg, default_model.weights, DATA / "dog.jpg", "--strict"), where)
     one_line_error(invoke("bench", cfg, default_model.weights, "--iters", "1", "--warmup", "0", "--strict"), where)
     assert listing(tmp_path) == ["typo.cfg"]
+
+
+def test_bench_checks_its_outputs_first(tmp_path, monkeypatch):
+    from darkconv import bench as bm
+
+    monkeypatch.setattr(bm, "prepare", lambda *a, **k: pytest.fail("prepared before checking the outputs"))
+    r = invoke("bench", CFG / "yolov3-tiny.cfg", "--json", "/dev/null")
+    one_line_error(r, "/dev/null: is a character device")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..io import check_output_path
 from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress, strict_option
 
 @main.command()
@@ -47,6 +48,9 @@ def bench(model, weights, backend, precision, batches, warmup, iters, seconds, t
     width, height = parse_size(size)
     if plot_path and Path(plot_path).suffix.lower() != ".png":
         raise click.BadParameter(f"{plot_path}: the plot is a PNG, name it *.png", param_hint="--plot")
+    for out in (json_path, plot_path):  # before any work, not after minutes of timing
+        if out:
+            check_output_path(out)
     prep = bm.prepare(model, weights, backend, precision=precision, width=width, height=height, threads=threads,
                       calib=list(e2e) or None, max_batch=max(batch_list), log=click.echo)
     try:
