@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress
+from ..io import check_output_path
+from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress, strict_option
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
@@ -27,6 +28,7 @@ from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write every figure + the environment")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="write a PNG (name must end in .png): latency vs batch, pipeline split")
+@strict_option
 @handle_errors
 def bench(model, weights, backend, precision, batches, warmup, iters, seconds, threads, size, e2e, json_path,
           plot_path):
@@ -46,6 +48,9 @@ def bench(model, weights, backend, precision, batches, warmup, iters, seconds, t
     width, height = parse_size(size)
     if plot_path and Path(plot_path).suffix.lower() != ".png":
         raise click.BadParameter(f"{plot_path}: the plot is a PNG, name it *.png", param_hint="--plot")
+    for out in (json_path, plot_path):  # before any work, not after minutes of timing
+        if out:
+            check_output_path(out)
     prep = bm.prepare(model, weights, backend, precision=precision, width=width, height=height, threads=threads,
                       calib=list(e2e) or None, max_batch=max(batch_list), log=click.echo)
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import DarkconvError
-from .common import _die, handle_errors, main, parse_size, progress, split_model_args
+from .common import _die, handle_errors, main, parse_size, progress, split_model_args, strict_option
 
 @main.command()
 @click.argument("args", nargs=-1, required=True)
@@ -22,6 +22,7 @@ from .common import _die, handle_errors, main, parse_size, progress, split_model
 @click.option("--size", help="network input WxH (cfg models)")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores]")
+@strict_option
 @handle_errors
 def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agnostic, max_det, size, batch,
            threads):

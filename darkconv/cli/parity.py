@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import PRECISIONS, _die, handle_errors, main, parse_size
+from .common import PRECISIONS, _die, handle_errors, main, parse_size, strict_option
 
 @main.command()
 @click.argument("cfg", type=click.Path(exists=True, dir_okay=False))
@@ -21,6 +21,7 @@ from .common import PRECISIONS, _die, handle_errors, main, parse_size
 @click.option("--tol-head", type=float, default=None, help="max relative head error [default per precision]")
 @click.option("--tol-score", type=float, default=None, help="max |Δscore| [default per precision]")
 @click.option("--threads", type=click.IntRange(1), default=None)
+@strict_option
 @handle_errors
 def parity(cfg, weights, backends, precision, images, thresh, nms, size, batch, tol_head, tol_score, threads):
     """Run the same images through several backends and compare heads and detections."""
