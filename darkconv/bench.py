@@ -315,7 +315,7 @@ def sample_images(paths=None) -> list[Path]:
 
 def prepare(model, weights=None, backend: str | None = None, *, precision: str | None = None,
             width: int | None = None, height: int | None = None, threads: int | None = None,
-            calib=None, max_batch: int = 1, log=None) -> Prepared:
+            calib=None, max_batch: int = 1, log=None, url=None) -> Prepared:
     """Load ``model`` (cfg [+ weights], .onnx or engine) for ``backend``, timing each step.
 
     A cfg without weights gets deterministic random weights (speed only). A cfg on
@@ -327,7 +327,9 @@ def prepare(model, weights=None, backend: str | None = None, *, precision: str |
     from .runners import canonical
 
     log = log or (lambda *_a, **_k: None)
-    backend = canonical(backend or default_backend(model))
+    backend = canonical(backend or ("triton" if url else default_backend(model)))
+    if backend == "triton":
+        return _prepare_served(model, url, precision, width, height)
     if backend == "tensorrt":
         from .export.tensorrt import require_tensorrt
         require_tensorrt()  # the same error as `convert --engine`, before any work
@@ -353,6 +355,24 @@ def prepare(model, weights=None, backend: str | None = None, *, precision: str |
         prep.cleanup()
         raise
     _describe_spec(info, getattr(prep.runner, "spec", None))  # an engine's spec comes with activate()
+    return prep
+
+
+def _prepare_served(model, url, precision, width, height) -> Prepared:
+    """A model on Triton server(s): nothing is loaded here; the figures include the network round trip."""
+    from .pipeline import open_runner
+
+    t0 = time.perf_counter()
+    runner = open_runner(model, None, "triton", url=url, width=width, height=height)
+    load = {"model_load_s": time.perf_counter() - t0}
+    served = runner.spec.source.get("precision", "fp32")
+    info = {"path": str(model), "kind": "served", "served_name": runner.model, "url": url, "sha256": None,
+            "weights": None, "weights_sha256": None, "random_weights": False}
+    notes = [f"served by Triton at {url}: latency includes the request round trip"]
+    if precision and precision != served:
+        notes.append(f"the served model is {served}: --precision {precision} ignored")
+    prep = Prepared(runner, "triton", served, precision, info, load, notes)
+    _describe_spec(info, runner.spec)
     return prep
 
 
