@@ -157,3 +157,22 @@ def test_parse_urls():
     for bad in ("", "nohost", "a:99999", "ftp://a:1"):
         with pytest.raises(DarkconvError):
             parse_urls(bad)
+
+
+def test_bench_concurrent_loop_keeps_n_in_flight():
+    import threading
+
+    from darkconv.bench import concurrent_loop
+
+    barrier = threading.Barrier(3, timeout=30)  # passes only if 3 calls are in flight at once
+    seen = threading.local()
+
+    def step():
+        if not getattr(seen, "first", False):
+            seen.first = True
+            barrier.wait()
+
+    samples, wall = concurrent_loop(step, 3, iters=10)
+    assert len(samples) == 10 and wall > 0
+    with pytest.raises(ZeroDivisionError):
+        concurrent_loop(lambda: 1 / 0, 2, iters=4)

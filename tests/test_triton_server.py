@@ -146,6 +146,19 @@ def test_cli_detect_on_server_equals_local(server, default_onnx, tmp_path):
     assert "triton yolo @ http://" in served.stdout
 
 
+def test_cli_bench_concurrency_on_server(server, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "darkconv", "bench", "yolo", "--url", server.url, "--iters", "4",
+                          "--warmup", "1", "--concurrency", "1,3", "--json", str(tmp_path / "b.json")], env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    row = json.loads((tmp_path / "b.json").read_text())["results"][0]
+    assert [c["concurrency"] for c in row["concurrency"]] == [1, 3]
+    assert all(c["iters"] == 4 and c["throughput_ips"] > 0 for c in row["concurrency"])
+    assert "concurrent requests" in out.stdout and "triton yolo @ http://" in out.stdout
+
+
 def test_taken_port_and_failing_model_are_one_line_errors(server, repo, tmp_path):
     import shutil
 

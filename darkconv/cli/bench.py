@@ -27,10 +27,12 @@ from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress,
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write every figure + the environment")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="write a PNG (name must end in .png): latency vs batch, pipeline split")
+@click.option("--concurrency", default=None, help="also keep N requests in flight at once, comma separated: "
+              "1,4,8 (threads in closed loops; for --backend triton)")
 @url_option
 @handle_errors
 def bench(model, weights, backend, precision, batches, warmup, iters, seconds, threads, size, e2e, json_path,
-          plot_path, url):
+          plot_path, concurrency, url):
     """Latency / throughput of MODEL(.cfg [WEIGHTS] | .onnx | engine) on one backend, per batch size.
 
     A cfg without WEIGHTS runs on random weights (speed only). Load / export / session
@@ -44,6 +46,11 @@ def bench(model, weights, backend, precision, batches, warmup, iters, seconds, t
         batch_list = bm.parse_batches(batches)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--batch") from None
+    try:
+        conc = bm.parse_batches(concurrency) if concurrency else None
+    except ValueError as e:
+        raise click.BadParameter(str(e).replace("batch sizes", "concurrency levels"), param_hint="--concurrency") \
+            from None
     width, height = parse_size(size)
     if plot_path and Path(plot_path).suffix.lower() != ".png":
         raise click.BadParameter(f"{plot_path}: the plot is a PNG, name it *.png", param_hint="--plot")
@@ -52,7 +59,7 @@ def bench(model, weights, backend, precision, batches, warmup, iters, seconds, t
     try:
         result = bm.run_bench(prep, batch_list, warmup=warmup, iters=iters, seconds=seconds, e2e=list(e2e) or None,
                               progress=progress(unit="it", leave=False), log=click.echo,
-                              settings={"threads_requested": threads})
+                              settings={"threads_requested": threads, "concurrency": conc}, concurrency=conc)
     finally:
         prep.cleanup()
     click.echo(bm.format_report(result))
