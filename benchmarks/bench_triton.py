@@ -5,13 +5,15 @@
   ``darkconv export triton --platform python`` (the bundled server has only the python backend: the
   network runs on ONNX Runtime inside a python-backend model, through darkconv's runner).
 * Server: the ``tritonserver`` binary of nvidia-pytriton 0.7.0 (``darkconv.serve``), loopback only,
-  dynamic batching (preferred 4, 8; queue delay 1 ms). Two layouts: 1 instance x 2 ORT threads and
+  dynamic batching (preferred 4, 8; queue delay 1 ms), ONNX Runtime spin-waiting off in the server
+  (its threads share the cores with the server's). Two layouts: 1 instance x 2 ORT threads and
   2 instances x 1 ORT thread.
 * Load: ``c`` client threads (c = 1, 2, 4, 8, 16), each a closed loop of single-image requests
   (``TritonRunner.infer``, raw heads over HTTP, binary tensors), a bounded number of requests per
   level. In-process: the same ``c`` threads calling one ONNX Runtime session (2 intra-op threads)
-  with the same inputs, measured right before each served level (so both see the same machine load).
-  Throughput = requests / wall time; p50 / p99 of per-request latency.
+  with the same inputs. Each level runs 3 alternating rounds (in-process, served, in-process, ...) so
+  both sides see the same machine load; throughput = requests / wall time (median of rounds), the
+  ratio is the median of the per-round ratios; p50 / p99 over all requests of the level.
 * Dynamic batching: Triton's own metrics (``nv_inference_count`` / ``nv_inference_exec_count`` of the
   network per level): inferences per execution = the mean batch the server formed.
 * Faults (bounded): one server SIGKILLed a third of the way through a run -> every request is either
@@ -20,7 +22,7 @@
 
 Writes ``benchmarks/results/bench_triton.{md,json}`` (or ``--out``).
 
-    flock -x /tmp/darkconv-cpu.lock python3 benchmarks/bench_triton.py          # ~4 min on 2 cores
+    flock -x /tmp/darkconv-cpu.lock python3 benchmarks/bench_triton.py          # ~6 min on 2 cores
     python3 benchmarks/bench_triton.py --quick --out /tmp/x                     # a smoke run
 """
 from __future__ import annotations
@@ -56,12 +58,22 @@ from darkconv.serve import TritonServer, free_ports  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "yolov3-tiny"
 GOAL = 0.8  # served throughput >= 0.8x in-process at concurrency 8
+ROUNDS = 3  # alternating served / in-process rounds per concurrency level
 
 
 def metric(server: TritonServer, name: str, model: str = NAME) -> float:
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     m = re.search(rf'^{name}{{[^}}]*model="{re.escape(model)}"[^}}]*}} (\S+)$', text, re.M)
     return float(m.group(1)) if m else float("nan")
+
+
+def pooled(runs: list[dict]) -> dict:
+    """Rounds of one side -> its throughput (median of rounds) and latency percentiles over all requests."""
+    a = np.concatenate([r["latencies_ms"] for r in runs])
+    return {"requests": int(a.size), "rounds": len(runs),
+            "throughput_ips": float(np.median([r["throughput_ips"] for r in runs])),
+            "round_throughput_ips": [r["throughput_ips"] for r in runs],
+            "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
 
 
 def closed_loop(fn, inputs, concurrency: int, requests: int) -> dict:
@@ -90,7 +102,7 @@ def closed_loop(fn, inputs, concurrency: int, requests: int) -> dict:
     a = np.array(lat) * 1e3
     return {"requests": len(lat), "wall_s": wall, "throughput_ips": len(lat) / wall,
             "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "mean_ms": float(a.mean())}
+            "mean_ms": float(a.mean()), "latencies_ms": a}
 
 
 def measure_layout(onnx_path, inputs, instances: int, threads: int, levels, per_level, log) -> dict:
@@ -111,19 +123,25 @@ def measure_layout(onnx_path, inputs, instances: int, threads: int, levels, per_
                 closed_loop(local.infer, inputs, 2, 8)
                 for c in levels:
                     n = max(per_level, 2 * c)
-                    inproc = closed_loop(local.infer, inputs, c, n)
-                    c0, e0 = metric(server, "nv_inference_count"), metric(server, "nv_inference_exec_count")
-                    served = closed_loop(remote.infer, inputs, c, n)
+                    rounds, c0, e0 = [], metric(server, "nv_inference_count"), metric(server, "nv_inference_exec_count")
+                    for _ in range(ROUNDS):  # alternate, so both sides see the same machine load
+                        inproc = closed_loop(local.infer, inputs, c, n)
+                        served = closed_loop(remote.infer, inputs, c, n)
+                        rounds.append((served, inproc))
                     c1, e1 = metric(server, "nv_inference_count"), metric(server, "nv_inference_exec_count")
+                    served, inproc = pooled([a for a, _ in rounds]), pooled([b for _, b in rounds])
                     row = {"concurrency": c, "served": served, "in_process": inproc,
                            "inference_count": c1 - c0, "execution_count": e1 - e0,
                            "mean_server_batch": (c1 - c0) / (e1 - e0) if e1 > e0 else None,
-                           "served_over_in_process": served["throughput_ips"] / inproc["throughput_ips"]}
+                           "round_ratios": [a["throughput_ips"] / b["throughput_ips"] for a, b in rounds]}
+                    row["served_over_in_process"] = float(np.median(row["round_ratios"]))
                     rows.append(row)
                     log(f"  {instances}x{threads}  c={c:2d}: served {served['throughput_ips']:6.1f} img/s "
                         f"(p50 {served['p50_ms']:6.1f}, p99 {served['p99_ms']:6.1f} ms), in-process "
                         f"{inproc['throughput_ips']:6.1f} img/s (p50 {inproc['p50_ms']:6.1f} ms), ratio "
-                        f"{row['served_over_in_process']:.2f}, server batch {row['mean_server_batch'] or 0:.2f}")
+                        f"{row['served_over_in_process']:.2f} (rounds "
+                        f"{', '.join(f'{q:.2f}' for q in row['round_ratios'])}), server batch "
+                        f"{row['mean_server_batch'] or 0:.2f}")
         finally:
             local.deactivate()
             server.close()
@@ -179,14 +197,15 @@ def fault_runs(onnx_path, inputs, reference, requests: int, log) -> dict:
 
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_triton.json").write_text(json.dumps(result, indent=1))
+    (out / "bench_triton.json").write_text(json.dumps(result, indent=1, default=lambda o: None))
     env = result["environment"]
     lines = [f"# Triton serving vs in-process ONNX Runtime — {NAME} 416x416 FP32", "",
              f"{result['created']} · {env['cpu_model']} · {env['cpu_cores']} cores · flags {', '.join(env['cpu_features'])}"
              f" · no GPU · Triton (nvidia-pytriton 0.7.0 tritonserver, python backend) · loopback HTTP · "
              f"load avg {env['load_avg_1_5_15']}", "",
              "Client: c threads, closed loop of single-image requests (raw heads, binary HTTP). In-process: the same "
-             "c threads on one ONNX Runtime session (2 threads), measured just before each served level. "
+             "c threads on one ONNX Runtime session (2 threads). Each level: 3 alternating rounds (in-process, served); "
+             "img/s = median of rounds, served / in-process = median of the per-round ratios. "
              "Server batch = nv_inference_count / nv_inference_exec_count over the level.", ""]
     for lay in result["layouts"]:
         lines += [f"## {lay['instances']} instance(s) x {lay['ort_threads']} ORT thread(s) "
@@ -217,7 +236,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="few requests, one layout (a smoke run)")
-    ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level (at least 2x c)")
+    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least 2x c)")
     args = ap.parse_args(argv)
     log = print
     levels = [1, 2, 4, 8, 16] if not args.quick else [1, 8]

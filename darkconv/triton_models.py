@@ -91,7 +91,10 @@ class OnnxModel(_Model):
         from .runners.onnxruntime import OnnxRuntimeRunner
 
         threads = int(self.params.get("intra_op_threads") or 0) or os.cpu_count() or 1
-        self.runner = OnnxRuntimeRunner(self.version_dir / "model.onnx", threads=threads)
+        # no spin-waiting between ONNX Runtime calls: the server's HTTP/gRPC threads share these cores
+        spin = self.params.get("intra_op_spinning", "0")
+        self.runner = OnnxRuntimeRunner(self.version_dir / "model.onnx", threads=threads,
+                                        session_config={"session.intra_op.allow_spinning": spin})
         self.runner.activate()
         from .export.onnx import head_names
         self.outputs = head_names(self.spec)

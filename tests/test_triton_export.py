@@ -176,3 +176,33 @@ def test_bench_concurrent_loop_keeps_n_in_flight():
     assert len(samples) == 10 and wall > 0
     with pytest.raises(ZeroDivisionError):
         concurrent_loop(lambda: 1 / 0, 2, iters=4)
+
+
+def test_detect_marks_only_the_failed_batch(default_onnx, sample_images):
+    """A runner that finally fails one batch (InferenceError, as the triton runner does after its retries):
+    detect reports exactly that batch's images as failed and keeps every other result, in input order."""
+    from darkconv.detect import run_detect
+    from darkconv.errors import InferenceError
+    from darkconv.pipeline import open_runner, resolve_names
+
+    files, _ = sample_images
+    with open_runner(default_onnx) as ort:
+        names = resolve_names(ort.spec)
+        want, _ = run_detect(ort, files, names, batch=2, echo=lambda *_: None)
+
+        class FailsSecondBatch:
+            spec, calls = ort.spec, 0
+
+            def infer(self, x):
+                self.calls += 1
+                if self.calls == 2:
+                    raise InferenceError("server gone after 3 attempts")
+                return ort.infer(x)
+
+        got, _ = run_detect(FailsSecondBatch(), files, names, batch=2, echo=lambda *_: None)
+    assert [r.path for r in got] == [r.path for r in want]
+    assert [r.error for r in got] == [None, None, "server gone after 3 attempts", "server gone after 3 attempts",
+                                      None]
+    for g, w in zip(got, want):
+        if g.error is None:
+            np.testing.assert_array_equal(g.detections.scores, w.detections.scores)

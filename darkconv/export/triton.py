@@ -93,7 +93,7 @@ def io_shapes(onnx_path) -> tuple[tuple[str, list[int]], list[tuple[str, list[in
 
 
 def model_config(name: str, spec: ModelSpec, platform: str, *, max_batch: int = 8, instances: int = 1,
-                 input_dims=None, outputs=None, queue_delay_us: int = 1000, threads: int = 0):
+                 input_dims=None, outputs=None, queue_delay_us: int = 1000, threads: int = 0, spinning: bool = False):
     """The network's config: ``images`` (3, H, W) FP32 in, one FP32 ``head_<layer>`` per head out."""
     pb, _ = _pb()
     from .onnx import head_names
@@ -113,6 +113,7 @@ def model_config(name: str, spec: ModelSpec, platform: str, *, max_batch: int = 
     params = {SPEC_PARAM: spec.to_json()}
     if platform == "python":
         params["intra_op_threads"] = threads
+        params["intra_op_spinning"] = int(spinning)
     _params(cfg, params)
     return cfg
 
