@@ -269,7 +269,7 @@ class TritonServer:
             return f"model {m.group(1)!r} failed to load: {m.group(2).strip()}"
         for line in text.splitlines():
             low = line.lower()
-            if "address already in use" in low or "failed to bind" in low or "unable to bind" in low:
+            if "already in use" in low or "failed to bind" in low or "unable to bind" in low:
                 return f"a port is already in use ({line.strip()[-120:]})"
         for line in text.splitlines():
             if line.startswith("E") and "]" in line:

@@ -160,8 +160,9 @@ class PreprocessModel(_Model):
 
 
 def pack_detections(dets) -> dict[str, np.ndarray]:
-    """Per-image Detections -> batch tensors padded to the longest (``NUM_DETECTIONS`` says how many)."""
-    k = max((len(d) for d in dets), default=0)
+    """Per-image Detections -> batch tensors padded to the longest, at least 1 row (a zero-size tensor
+    cannot cross the python backend's DLPack); ``NUM_DETECTIONS`` says how many rows are real."""
+    k = max(1, max((len(d) for d in dets), default=0))
     n = len(dets)
     out = {"BOXES": np.zeros((n, k, 4), np.float32), "SCORES": np.zeros((n, k), np.float32),
            "CLASS_IDS": np.full((n, k), -1, np.int64), "BOX_IDS": np.full((n, k), -1, np.int64),

@@ -144,6 +144,9 @@ def test_pack_unpack_detections_roundtrip(default_model, sample_images):
     packed = pack_detections(dets)
     assert packed["BOXES"].shape == (3, max(len(d) for d in dets), 4)
     back = unpack_detections(packed)
+    empty = pack_detections([type(dets[0]).empty()])
+    assert empty["BOXES"].shape == (1, 1, 4) and empty["NUM_DETECTIONS"].tolist() == [[0]]
+    assert len(unpack_detections(empty)[0]) == 0
     for a, b in zip(dets, back):
         for f in ("boxes", "scores", "class_ids", "box_ids", "objectness"):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f))

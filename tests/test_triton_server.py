@@ -104,6 +104,36 @@ def test_ensemble_detections_identical_to_detect(server, sample_images, referenc
         _same(got[0], want)
 
 
+def test_ensemble_empty_and_undecodable_images(server):
+    import cv2
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from darkconv.triton_models import unpack_detections
+
+    client = http.InferenceServerClient(server.url)
+    ok, png = cv2.imencode(".png", np.full((100, 120, 3), 128, np.uint8))  # nothing to detect
+    for data, want in ((png.reshape(1, -1), 0), (np.frombuffer(b"not an image", np.uint8).reshape(1, -1), None)):
+        inp = http.InferInput("IMAGE", list(data.shape), "UINT8")
+        inp.set_data_from_numpy(data)
+        if want is None:
+            with pytest.raises(InferenceServerException, match="cannot decode the image"):
+                client.infer("yolo_detect", [inp])
+            continue
+        r = client.infer("yolo_detect", [inp])
+        got = unpack_detections({k: r.as_numpy(k) for k in ("BOXES", "SCORES", "CLASS_IDS", "BOX_IDS",
+                                                              "OBJECTNESS", "NUM_DETECTIONS")})
+        assert len(got) == 1 and len(got[0]) == want
+
+
+def test_runner_refuses_batches_over_max_batch(server):
+    from darkconv.runners.triton import TritonRunner
+
+    with TritonRunner("yolo", server.url) as r:
+        with pytest.raises(DarkconvError, match="at most 4 images per request"):
+            r.infer(np.zeros((5, 3, 416, 416), np.float32))
+
+
 def test_tensor_ensemble_and_runner_heads(server, sample_images, reference):
     import tritonclient.grpc as grpc
 
@@ -159,7 +189,7 @@ def test_cli_bench_concurrency_on_server(server, tmp_path):
     assert "concurrent requests" in out.stdout and "triton yolo @ http://" in out.stdout
 
 
-def test_taken_port_and_failing_model_are_one_line_errors(server, repo, tmp_path):
+def test_taken_port_and_failing_model_are_one_line_errors(server, repo, tmp_path, monkeypatch):
     import shutil
 
     from darkconv.serve import ServerError, TritonServer
@@ -168,6 +198,16 @@ def test_taken_port_and_failing_model_are_one_line_errors(server, repo, tmp_path
                      metrics_port=server.ports["metrics"] + 100)
     with pytest.raises(ServerError, match=rf"port {server.ports['http']} \(http\) is already in use"):
         s.start()
+    import darkconv.serve as sv
+
+    monkeypatch.setattr(sv, "port_free", lambda *a, **k: True)  # no check: the server itself must say so
+    try:
+        with pytest.raises(ServerError, match="a port is already in use") as e:
+            s.start(timeout=300)
+    finally:
+        s.close()
+    monkeypatch.undo()
+    assert "\n" not in str(e.value) and not s.alive()
     bad = tmp_path / "bad"
     shutil.copytree(repo / "yolo_post", bad / "yolo_post")
     (bad / "yolo_post" / "1" / "model.py").write_text("raise RuntimeError('broken on purpose')\n")

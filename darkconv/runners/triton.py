@@ -113,7 +113,7 @@ class TritonRunner(Runner):
         self.retries = retries if retries is not None else max(2, len(self.endpoints) + 1)
         self._lock = threading.Lock()
         self._rr = itertools.count()
-        self.spec, self.outputs = self._fetch_spec()
+        self.spec, self.outputs, self.max_batch = self._fetch_spec()
 
     # -- server side facts ---------------------------------------------------------------
     def _config(self, ep: Endpoint) -> dict:
@@ -122,7 +122,7 @@ class TritonRunner(Runner):
             return c.get_model_config(self.model, self.version, as_json=True)["config"]
         return c.get_model_config(self.model, self.version)
 
-    def _fetch_spec(self) -> tuple[ModelSpec, list[str]]:
+    def _fetch_spec(self) -> tuple[ModelSpec, list[str], int]:
         errors = []
         for ep in self.endpoints:
             try:
@@ -137,7 +137,7 @@ class TritonRunner(Runner):
                                     "repository written by `darkconv export triton`")
             spec = ModelSpec.from_json(params[SPEC_PARAM]["string_value"])
             outputs = [o["name"] for o in cfg.get("output", [])]
-            return spec, outputs
+            return spec, outputs, int(cfg.get("max_batch_size", 0))
         raise BackendUnavailable(f"no Triton server answered for model {self.model!r}: " + "; ".join(errors))
 
     def activate(self) -> None:
@@ -183,6 +183,9 @@ class TritonRunner(Runner):
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(batch, np.float32)
+        if self.max_batch and x.shape[0] > self.max_batch:
+            raise DarkconvError(f"the served model {self.model!r} takes at most {self.max_batch} images per request "
+                                f"(max_batch_size), got {x.shape[0]}: use --batch {self.max_batch} or less")
         tried: set = set()
         errors = []
         for attempt in range(self.retries):
