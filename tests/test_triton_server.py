@@ -198,14 +198,23 @@ def test_taken_port_and_failing_model_are_one_line_errors(server, repo, tmp_path
                      metrics_port=server.ports["metrics"] + 100)
     with pytest.raises(ServerError, match=rf"port {server.ports['http']} \(http\) is already in use"):
         s.start()
+    import socket
+
     import darkconv.serve as sv
 
-    monkeypatch.setattr(sv, "port_free", lambda *a, **k: True)  # no check: the server itself must say so
+    # a plain listener (no SO_REUSEPORT, unlike Triton's own sockets) and no pre-check: the server must say so
+    monkeypatch.setattr(sv, "port_free", lambda *a, **k: True)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    s = _server(repo)
+    s.ports["http"] = holder.getsockname()[1]
     try:
         with pytest.raises(ServerError, match="a port is already in use") as e:
             s.start(timeout=300)
     finally:
         s.close()
+        holder.close()
     monkeypatch.undo()
     assert "\n" not in str(e.value) and not s.alive()
     bad = tmp_path / "bad"
