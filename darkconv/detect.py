@@ -27,6 +27,7 @@ class ImageResult:
     size: tuple[int, int]  # (w, h)
     detections: Detections | None
     error: str | None = None
+    failed_stage: str | None = None  # "read" (the file) or "inference" (the backend gave up on its batch)
 
 
 def darknet_json(results: list[ImageResult], names) -> list[dict]:
@@ -127,9 +128,9 @@ def run_detect(runner, paths, names, *, thresh=0.25, nms=0.45, letterbox=None, a
             failed = e
         for p, im in zip(chunk, loaded):  # results in input order
             if isinstance(im, ImageError):
-                r = ImageResult(p, (0, 0), None, im.bare)
+                r = ImageResult(p, (0, 0), None, im.bare, "read")
             elif failed is not None:
-                r = ImageResult(p, (im.shape[1], im.shape[0]), None, failed.bare)
+                r = ImageResult(p, (im.shape[1], im.shape[0]), None, failed.bare, "inference")
             else:
                 r = ImageResult(p, (im.shape[1], im.shape[0]), next(dets))
                 if out_dir:

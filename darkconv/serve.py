@@ -191,8 +191,10 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.log = log or (lambda *_a, **_k: None)
         self._own_log = log_path is None
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="darkconv-tritonserver-",
-                                                                              suffix=".log")[1])
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="darkconv-tritonserver-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -206,6 +206,18 @@ def test_detect_marks_only_the_failed_batch(default_onnx, sample_images):
     assert [r.path for r in got] == [r.path for r in want]
     assert [r.error for r in got] == [None, None, "server gone after 3 attempts", "server gone after 3 attempts",
                                       None]
+    assert [r.failed_stage for r in got] == [None, None, "inference", "inference", None]
     for g, w in zip(got, want):
         if g.error is None:
             np.testing.assert_array_equal(g.detections.scores, w.detections.scores)
+
+
+def test_served_name(repos, tmp_path):
+    from darkconv.runners.triton import served_name
+
+    repo, info = repos["onnxruntime"]
+    assert served_name(repo) == info.name  # the one network of the repository (not _pre/_post/ensembles)
+    assert served_name(repo / f"{info.name}_detect") == f"{info.name}_detect"
+    assert served_name("models/yolov4.cfg") == "yolov4" and served_name("yolo") == "yolo"
+    with pytest.raises(DarkconvError, match="0 darkconv networks"):
+        served_name(tmp_path)

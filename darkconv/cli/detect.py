@@ -61,5 +61,11 @@ def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agn
     if json_path:
         click.echo(f"wrote {json_path}")
     if failed:
-        shown = ", ".join(str(r.path) for r in failed[:10]) + (" ..." if len(failed) > 10 else "")
-        _die(f"{len(failed)} of {len(results)} image(s) failed: {shown}", 2)
+        unread = [r for r in failed if r.failed_stage != "inference"]
+        gone = [r for r in failed if r.failed_stage == "inference"]
+
+        def names_of(rs):
+            return ", ".join(str(r.path) for r in rs[:10]) + (" ..." if len(rs) > 10 else "")
+        parts = ([f"{len(unread)} of {len(results)} image(s) could not be read ({names_of(unread)})"] if unread else []) + \
+            ([f"{len(gone)} of {len(results)} image(s) failed in inference ({names_of(gone)})"] if gone else [])
+        _die("; ".join(parts), 2)

@@ -469,9 +469,8 @@ def repository_models(repo) -> list[str]:
         cfg = parse_config(d / "config.pbtxt")
         if cfg.platform == "ensemble" or SPEC_PARAM not in cfg.parameters:
             continue
-        if any((d / v / "model.py").is_file() for v in ("1",)) and not any(
-                (d / "1" / f).is_file() for f in ("model.onnx", "model.plan")):
-            continue  # _pre / _post
+        if not any((d / "1" / f).is_file() for f in ("model.onnx", "model.plan")):
+            continue  # _pre / _post: python code only
         out.append(cfg.name)
     return out
 
