@@ -71,18 +71,36 @@ def python_libdir() -> Path:
     return libdir
 
 
-def install_server(log=print) -> Path:
-    """The bundled server's root (``bin/tritonserver``, ``backends/python``), installing it on first use."""
-    home = server_home()
+def _installed(home: Path) -> bool:
     stub = home / "tritonserver" / "backends" / "python" / "triton_python_backend_stub"
     tag = home / "stub-python"
-    if (home / "tritonserver" / "bin" / "tritonserver").is_file() and stub.is_file() and tag.is_file() and \
-            tag.read_text().strip() == _python_tag():
+    return (home / "tritonserver" / "bin" / "tritonserver").is_file() and stub.is_file() and tag.is_file() and \
+        tag.read_text().strip() == _python_tag()
+
+
+def install_server(log=print) -> Path:
+    """The bundled server's root (``bin/tritonserver``, ``backends/python``), installing it on first use.
+
+    Installs run one at a time (a lock file next to the cache folder), so parallel test runs and
+    servers never see a half-extracted or replaced server.
+    """
+    import fcntl
+
+    home = server_home()
+    if _installed(home):
         return home / "tritonserver"
     if not sys.platform.startswith("linux") or os.uname().machine != "x86_64":
         raise ServerError("the bundled Triton server is a Linux x86-64 binary: on this machine run NGC's Triton "
                           "container on a repository from `darkconv export triton`")
     home.parent.mkdir(parents=True, exist_ok=True)
+    with open(home.parent / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _installed(home):  # another process may have installed it while we waited
+            _install(home, log)
+    return home / "tritonserver"
+
+
+def _install(home: Path, log) -> None:
     a = SERVER_WHEEL
     log(f"darkconv: fetching the Triton server from PyPI ({a.package}, {a.size / 1e6:.0f} MB) into {home}")
     with tempfile.TemporaryDirectory(prefix="darkconv-triton-", dir=home.parent) as tmp:
@@ -113,7 +131,6 @@ def install_server(log=print) -> Path:
         if home.exists():
             shutil.rmtree(home)
         os.replace(out, home)
-    return home / "tritonserver"
 
 
 # -- ports -----------------------------------------------------------------------------------
