@@ -208,10 +208,7 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.log = log or (lambda *_a, **_k: None)
         self._own_log = log_path is None
-        if log_path is None:
-            fd, log_path = tempfile.mkstemp(prefix="darkconv-tritonserver-", suffix=".log")
-            os.close(fd)
-        self.log_path = Path(log_path)
+        self.log_path = Path(log_path) if log_path else None  # a temporary file from start() on
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -260,6 +257,10 @@ class TritonServer:
                 raise ServerError(f"port {port} ({kind}) is already in use: stop what listens there or pass "
                                   f"--{kind}-port")
         root = install_server(log=self.log)
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="darkconv-tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
         logf = open(self.log_path, "wb")
         try:
             self.proc = subprocess.Popen(self.command(root), stdout=logf, stderr=subprocess.STDOUT,
@@ -275,6 +276,8 @@ class TritonServer:
         return self
 
     def log_text(self) -> str:
+        if self.log_path is None:
+            return ""
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:
@@ -350,8 +353,9 @@ class TritonServer:
 
     def close(self) -> None:
         self.stop()
-        if self._own_log:
+        if self._own_log and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
+            self.log_path = None
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.proc is None else self

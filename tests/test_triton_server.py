@@ -198,6 +198,7 @@ def test_taken_port_and_failing_model_are_one_line_errors(server, repo, tmp_path
                      metrics_port=server.ports["metrics"] + 100)
     with pytest.raises(ServerError, match=rf"port {server.ports['http']} \(http\) is already in use"):
         s.start()
+    assert s.proc is None and s.log_path is None  # refused before anything was started or written
     import socket
 
     import darkconv.serve as sv
