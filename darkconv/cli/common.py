@@ -128,15 +128,26 @@ def parse_batch(value: str):
     raise click.BadParameter(f"{value!r}: expected dynamic, N or MIN:OPT:MAX with 0 < MIN <= OPT <= MAX")
 
 
-def split_model_args(args, need_inputs=True):
-    """MODEL [WEIGHTS] INPUTS...: a cfg is followed by its .weights when one is given."""
+def url_option(fn):
+    """``--url HOST:PORT[,HOST:PORT...]``: run on Triton server(s) (implies ``--backend triton``)."""
+    return click.option("--url", default=None, metavar="HOST:PORT[,...]",
+                        help="Triton server(s) serving MODEL (a served model name, or a cfg/onnx standing for its "
+                             "stem): requests spread over them, a failed one is retried on another; implies "
+                             "--backend triton. http:// or grpc:// (port 8001: gRPC) [default: HTTP]")(fn)
+
+
+def split_model_args(args, need_inputs=True, served=False):
+    """MODEL [WEIGHTS] INPUTS...: a cfg is followed by its .weights when one is given.
+
+    ``served``: MODEL may name a model on a Triton server (no file needed).
+    """
     args = list(args)
     if not args:
         raise click.UsageError("missing MODEL")
     model, weights = args.pop(0), None
     if Path(model).suffix.lower() == ".cfg" and args and Path(args[0]).suffix.lower() == ".weights":
         weights = args.pop(0)
-    if not Path(model).exists():
+    if not served and not Path(model).exists():
         raise DarkconvError("no such file", file=model)
     if need_inputs and not args:
         raise click.UsageError("missing IMAGE_OR_DIR")
