@@ -29,6 +29,7 @@ setup(
     extras_require={
         "trt": ["tensorrt>=10.0,<12", "cuda-python>=12.0"],
         "plot": ["matplotlib>=3.7"],
+        "triton": ["tritonclient[http,grpc]>=2.50,<3", "protobuf>=6.31.1,<7"],
         "dev": ["pytest>=7", "matplotlib>=3.7", "pycocotools>=2.0.7"],
     },
     entry_points={"console_scripts": ["darkconv=darkconv.cli:main"]},
