@@ -184,12 +184,15 @@ def _artifact_precision(model, kind) -> str:
     return str(read_sidecar(model).get("precision", "fp32"))
 
 
-def _open(model, weights, backend, precision, *, threads, width, height, calib, workdir, log):
+def _open(model, weights, backend, precision, *, threads, width, height, calib, workdir, log, url=None):
     """A runner for ``model`` on ``backend`` at ``precision`` (through ``pipeline.open_runner``) and what runs."""
     from .pipeline import default_backend, model_kind, open_runner
     from .runners import canonical
 
-    backend = canonical(backend or default_backend(model))
+    backend = canonical(backend or ("triton" if url else default_backend(model)))
+    if backend == "triton":                     # a served model runs whatever precision it was exported in
+        return (open_runner(model, weights, backend, width=width, height=height, log=log, url=url), backend,
+                precision or "as served")
     kind = model_kind(model)
     if kind == "cfg":
         precision = precision or "fp32"
@@ -218,7 +221,8 @@ def _model_info(model, weights, backend, precision, runner) -> dict:
 
     spec = runner.spec
     kind = model_kind(model)
-    return {"path": str(model), "kind": kind, "sha256": sha256_file(model),
+    return {"path": str(model), "kind": "served" if backend == "triton" else kind,
+            "sha256": sha256_file(model) if Path(model).is_file() else None,
             "weights": str(weights) if weights else None, "weights_sha256": sha256_file(weights),
             "backend": backend, "precision": precision, "runs_on": runner.describe(),
             "input": [spec.width, spec.height], "classes": spec.classes, "letter_box": bool(spec.letter_box),
@@ -230,7 +234,7 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
              precision: str | None = None, calib=None, ref=None, ref_thresh: float = 0.25,
              iou_thresh: float = 0.5, points: int = 0, thresh: float = 0.25, letterbox: bool | None = None,
              names=None, batch: int = 1, threads: int | None = None, size: tuple[int, int] | None = None,
-             ref_model=None, ref_weights=None, coco: bool = True, coco_json=None, limit: int | None = None, progress=None, log=None) -> EvalResult:
+             ref_model=None, ref_weights=None, url=None, coco: bool = True, coco_json=None, limit: int | None = None, progress=None, log=None) -> EvalResult:
     """Evaluate ``model`` (cfg + weights, .onnx or engine) on ``data``.
 
     ``data``: a Darknet ``.data``, a COCO annotations ``.json`` (with ``images`` = its image folder),
@@ -238,7 +242,7 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
     the reference's detections with score > ``ref_thresh`` are the truths instead of any labels; the
     reference runs ``model`` too, or ``ref_model`` (+ ``ref_weights``), e.g. the cfg behind an engine.
     ``backend``/``precision``/``calib`` choose the run under test (INT8 of a cfg is calibrated on
-    ``calib``). ``iou_thresh``, ``points`` (0 = area under the curve, 11, 101) and ``thresh`` are
+    ``calib``; ``url``: the model served by Triton at ``HOST:PORT[,...]``). ``iou_thresh``, ``points`` (0 = area under the curve, 11, 101) and ``thresh`` are
     ``detector map``'s ``-iou_thresh``, ``-points`` and ``-thresh``; ``letterbox`` None = the cfg's.
     ``coco``: also compute COCO metrics; ``coco_json``: write the ``detector valid`` detections there.
     ``progress``: a tqdm-like factory (``progress(total=N)``); ``log``: a print-like callable.
@@ -269,7 +273,7 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
     with tempfile.TemporaryDirectory(prefix="darkconv-eval-") as workdir:
         t0 = time.perf_counter()
         runner, backend, precision = _open(model, weights, backend, precision, threads=threads, width=width,
-                                           height=height, calib=calib, workdir=workdir, log=log)
+                                           height=height, calib=calib, workdir=workdir, log=log, url=url)
         runners = [runner]
         ref_info = None
         if agreement:

@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 
 from ..errors import DarkconvError
-from .common import PRECISIONS, handle_errors, main, parse_size, progress, split_model_args
+from .common import (PRECISIONS, handle_errors, main, parse_size, progress, split_model_args, strict_option,
+                     url_option)
 
 
 def _out_path(value, what, suffix=None):
@@ -60,9 +61,11 @@ def _out_path(value, what, suffix=None):
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores]")
 @click.option("--size", help="network input WxH (cfg models)")
 @click.option("--limit", type=click.IntRange(1), default=None, help="evaluate only the first N images")
+@url_option
+@strict_option
 @handle_errors
 def eval_(args, demo, backend, precision, calib, ref, ref_model, ref_weights, ref_thresh, images_dir, iou_thresh, points, thresh, letterbox,
-          names, json_path, plot_path, coco_json, no_coco, batch, threads, size, limit):
+          names, json_path, plot_path, coco_json, no_coco, batch, threads, size, limit, url):
     """Darknet-exact mAP, COCO AP and agreement:  eval MODEL [WEIGHTS] DATA
 
     \b
@@ -84,11 +87,12 @@ def eval_(args, demo, backend, precision, calib, ref, ref_model, ref_weights, re
     else:
         if not args:
             raise click.UsageError("missing MODEL and DATA (or use --demo)")
-        model, weights, data = split_model_args(args, need_inputs=False)
+        served = bool(url) or (backend or "").lower() == "triton"
+        model, weights, data = split_model_args(args, need_inputs=False, served=served)
         if not data:
             raise click.UsageError("missing DATA: a .data file, a COCO annotations JSON (with --images), or images "
                                    "with --ref")
-    if Path(model).suffix.lower() == ".cfg" and weights is None:
+    if Path(model).suffix.lower() == ".cfg" and weights is None and not (url or (backend or "").lower() == "triton"):
         raise DarkconvError("eval needs the .weights after the cfg (random weights detect nothing): "
                             "darkconv eval MODEL.cfg MODEL.weights DATA", file=model)
     if (ref_model or ref_weights) and not ref:
@@ -103,7 +107,7 @@ def eval_(args, demo, backend, precision, calib, ref, ref_model, ref_weights, re
                       calib=list(calib) or None, ref=ref, ref_thresh=ref_thresh, iou_thresh=iou_thresh,
                       points=int(points), thresh=thresh, letterbox=letterbox, names=names, batch=batch,
                       threads=threads, size=(width, height) if width else None, ref_model=ref_model,
-                      ref_weights=ref_weights, coco=not no_coco,
+                      ref_weights=ref_weights, url=url, coco=not no_coco,
                       coco_json=coco_json, limit=limit, progress=progress(desc="eval", unit="img"), log=click.echo)
     click.echo("")
     click.echo(result.map.darknet_report())
