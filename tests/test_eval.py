@@ -178,3 +178,24 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(default_model, tmp_path, 
         assert not (tmp_path / "out.json").exists()
     r = _invoke("eval", default_model.cfg, default_model.weights, "img.jpg", "--ref", "torch:int8")
     assert r.exit_code != 0 and "the torch backend runs FP32 only" in r.stderr
+
+
+@pytest.mark.slow
+def test_letterbox_override_reaches_pre_and_postprocessing(default_model, default_torch_model):
+    """--letterbox on a cfg without letter_box: the eval loop letterboxes the input and corrects the boxes back,
+    like preprocess + model + postprocess called by hand."""
+    import torch
+
+    from darkconv.postprocess import postprocess
+    from darkconv.preprocess import load_image, preprocess
+
+    r = darkconv.evaluate(default_model.cfg, default_model.weights, SAMPLES, letterbox=True, limit=2, coco=False)
+    assert r.settings["letterbox"] is True and len(r.detections) == 2
+    spec = default_torch_model.spec
+    for path, got in zip(r.paths, r.detections):
+        im = load_image(path)
+        x = preprocess(im, (spec.width, spec.height), True)[None]
+        heads = [h.numpy() for h in default_torch_model(torch.from_numpy(x))]
+        want = postprocess(heads, spec, [(im.shape[1], im.shape[0])], thresh=0.005, nms=0.45, letterbox=True)[0]
+        np.testing.assert_allclose(got.boxes, want.boxes, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got.class_ids, want.class_ids)
