@@ -360,7 +360,7 @@ def test_detect_corrupt_jpeg_stderr_is_darkconv_lines_only(tmp_path, default_onn
     r = subprocess.run([sys.executable, "-m", "darkconv", "detect", str(default_onnx), str(bad)],
                        capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr == "darkconv: error: 1 of 1 image(s) could not be read\n", r.stderr
+    assert r.stderr == f"darkconv: error: 1 of 1 image(s) could not be read ({bad})\n", r.stderr
     assert f"{bad}: ERROR corrupt image data (Corrupt JPEG data:" in r.stdout
 
 
