@@ -24,11 +24,13 @@ setup(
         "click>=8.1",
         "opencv-python-headless>=4.8,<5",
         "tqdm>=4.60",
+        "faster-coco-eval>=1.8",
     ],
     extras_require={
         "trt": ["tensorrt>=10.0,<12", "cuda-python>=12.0"],
         "plot": ["matplotlib>=3.7"],
-        "dev": ["pytest>=7", "matplotlib>=3.7"],
+        "triton": ["tritonclient[http,grpc]>=2.50,<3", "protobuf>=6.31.1,<7"],
+        "dev": ["pytest>=7", "matplotlib>=3.7", "pycocotools>=2.0.7"],
     },
     entry_points={"console_scripts": ["darkconv=darkconv.cli:main"]},
 )

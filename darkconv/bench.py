@@ -135,6 +135,48 @@ def time_loop(step, *, warmup: int = 1, iters: int | None = None, seconds: float
     return samples, splits, interrupted
 
 
+def concurrent_loop(step, concurrency: int, *, iters: int | None = None, seconds: float | None = None,
+                    min_iters: int = MIN_ITERS) -> tuple[list[float], float]:
+    """``concurrency`` threads calling ``step()`` in closed loops (a request in flight per thread), ``iters``
+    calls in all, or until ``seconds`` have passed (at least ``min_iters`` per thread). Returns the per-call
+    seconds and the wall time, for throughput = calls / wall."""
+    import threading
+
+    samples: list[float] = []
+    lock = threading.Lock()
+    state = {"left": iters if iters is not None else None, "error": None}
+    start = time.perf_counter()
+
+    def worker():
+        n = 0
+        while state["error"] is None:
+            with lock:
+                if state["left"] is not None:
+                    if state["left"] <= 0:
+                        return
+                    state["left"] -= 1
+            if state["left"] is None and n >= min_iters and time.perf_counter() - start >= seconds:
+                return
+            t0 = time.perf_counter()
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - stop every thread, report in the row
+                state["error"] = e
+                return
+            with lock:
+                samples.append(time.perf_counter() - t0)
+            n += 1
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if state["error"] is not None:
+        raise state["error"]
+    return samples, time.perf_counter() - start
+
+
 def split_stats(splits: list[dict], batch: int, raw_per_image_ms: float | None = None) -> dict:
     """Stage splits of the end-to-end loop -> mean ms per image per stage, total, ratio to raw inference.
 
@@ -315,7 +357,7 @@ def sample_images(paths=None) -> list[Path]:
 
 def prepare(model, weights=None, backend: str | None = None, *, precision: str | None = None,
             width: int | None = None, height: int | None = None, threads: int | None = None,
-            calib=None, max_batch: int = 1, log=None) -> Prepared:
+            calib=None, max_batch: int = 1, log=None, url=None) -> Prepared:
     """Load ``model`` (cfg [+ weights], .onnx or engine) for ``backend``, timing each step.
 
     A cfg without weights gets deterministic random weights (speed only). A cfg on
@@ -327,7 +369,9 @@ def prepare(model, weights=None, backend: str | None = None, *, precision: str |
     from .runners import canonical
 
     log = log or (lambda *_a, **_k: None)
-    backend = canonical(backend or default_backend(model))
+    backend = canonical(backend or ("triton" if url else default_backend(model)))
+    if backend == "triton":
+        return _prepare_served(model, url, precision, width, height)
     if backend == "tensorrt":
         from .export.tensorrt import require_tensorrt
         require_tensorrt()  # the same error as `convert --engine`, before any work
@@ -353,6 +397,24 @@ def prepare(model, weights=None, backend: str | None = None, *, precision: str |
         prep.cleanup()
         raise
     _describe_spec(info, getattr(prep.runner, "spec", None))  # an engine's spec comes with activate()
+    return prep
+
+
+def _prepare_served(model, url, precision, width, height) -> Prepared:
+    """A model on Triton server(s): nothing is loaded here; the figures include the network round trip."""
+    from .pipeline import open_runner
+
+    t0 = time.perf_counter()
+    runner = open_runner(model, None, "triton", url=url, width=width, height=height)
+    load = {"model_load_s": time.perf_counter() - t0}
+    served = runner.spec.source.get("precision", "fp32")
+    info = {"path": str(model), "kind": "served", "served_name": runner.model, "url": url, "sha256": None,
+            "weights": None, "weights_sha256": None, "random_weights": False}
+    notes = [f"served by Triton at {url}: latency includes the request round trip"]
+    if precision and precision != served:
+        notes.append(f"the served model is {served}: --precision {precision} ignored")
+    prep = Prepared(runner, "triton", served, precision, info, load, notes)
+    _describe_spec(info, runner.spec)
     return prep
 
 
@@ -488,8 +550,12 @@ def threads_used(runner) -> int | None:
 
 def run_bench(prep: Prepared, batches, *, warmup: int = 3, iters: int | None = None,
               seconds: float | None = None, e2e=None, thresh: float = 0.25, nms: float = 0.45,
-              progress=None, log=None, settings: dict | None = None) -> dict:
+              progress=None, log=None, settings: dict | None = None, concurrency=None) -> dict:
     """Activate ``prep.runner`` (timed), then time each batch size; returns the result dict.
+
+    ``concurrency`` (e.g. [1, 4, 8]): also run that many requests in flight at once per batch size
+    (threads in closed loops; meaningful for a runner that takes concurrent calls, such as triton);
+    rows get ``concurrency`` [{concurrency, p50/p99 ms, throughput_ips}].
 
     ``e2e``: image paths/directories for the end-to-end split (None: inference only).
     Errors on one batch size (e.g. an ONNX exported for a fixed batch) are recorded in that
@@ -543,6 +609,13 @@ def run_bench(prep: Prepared, batches, *, warmup: int = 3, iters: int | None = N
                 samples, _, stop = time_loop(lambda: runner.infer(x), warmup=warmup, iters=iters, seconds=seconds,
                                              progress=progress, desc=f"batch {b}")
                 row["latency"] = latency_stats(samples, b)
+                if concurrency and not stop:
+                    row["concurrency"] = []
+                    for c in concurrency:
+                        lat, wall = concurrent_loop(lambda: runner.infer(x), c, iters=iters, seconds=seconds)
+                        st = latency_stats(lat, b)
+                        st.update(concurrency=c, throughput_ips=len(lat) * b / wall if wall > 0 else None)
+                        row["concurrency"].append(st)
                 if e2e_files and not stop:
                     state = {"k": 0}
 
@@ -619,6 +692,12 @@ def format_report(result: dict) -> str:
         if r.get("error"):
             errors.append(f"batch {r['batch']}: {r['error']}")
     out += ["", "inference (warmup excluded)", _table(rows)]
+    conc = [(r["batch"], c) for r in result["results"] for c in (r.get("concurrency") or [])]
+    if conc:
+        rows = [["batch", "in flight", "calls", "p50 ms", "p99 ms", "img/s"]]
+        rows += [[str(b), str(c["concurrency"]), str(c["iters"]), _f(c["p50_ms"]), _f(c["p99_ms"]),
+                  _f(c["throughput_ips"], "{:.1f}")] for b, c in conc]
+        out += ["", "concurrent requests (closed loops; img/s = images / wall time)", _table(rows)]
     e2e_rows = [r for r in result["results"] if r.get("e2e")]
     if e2e_rows:
         rows = [["batch", "iters", "decode", "preprocess", "inference", "postprocess", "total ms/img", "img/s",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .darknet.weights import atomic_write
-from .errors import ImageError
+from .errors import ImageError, InferenceError
 from .pipeline import Timings, detect_arrays
 from .postprocess import Detections
 from .preprocess import list_images, load_images
@@ -27,6 +27,7 @@ class ImageResult:
     size: tuple[int, int]  # (w, h)
     detections: Detections | None
     error: str | None = None
+    failed_stage: str | None = None  # "read" (the file) or "inference" (the backend gave up on its batch)
 
 
 def darknet_json(results: list[ImageResult], names) -> list[dict]:
@@ -119,11 +120,17 @@ def run_detect(runner, paths, names, *, thresh=0.25, nms=0.45, letterbox=None, a
         loaded = load_images(chunk)  # a batch is decoded in parallel
         timings.decode += time.perf_counter() - t
         good = [im for im in loaded if not isinstance(im, ImageError)]
-        dets = iter(detect_arrays(runner, good, thresh=thresh, nms=nms, letterbox=letterbox, agnostic=agnostic,
-                                  max_det=max_det, timings=timings) if good else [])
+        failed = None
+        try:
+            dets = iter(detect_arrays(runner, good, thresh=thresh, nms=nms, letterbox=letterbox, agnostic=agnostic,
+                                      max_det=max_det, timings=timings) if good else [])
+        except InferenceError as e:  # only this batch's images fail; the run goes on
+            failed = e
         for p, im in zip(chunk, loaded):  # results in input order
             if isinstance(im, ImageError):
-                r = ImageResult(p, (0, 0), None, im.bare)
+                r = ImageResult(p, (0, 0), None, im.bare, "read")
+            elif failed is not None:
+                r = ImageResult(p, (im.shape[1], im.shape[0]), None, failed.bare, "inference")
             else:
                 r = ImageResult(p, (im.shape[1], im.shape[0]), next(dets))
                 if out_dir:

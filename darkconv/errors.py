@@ -56,3 +56,8 @@ class InferenceError(DarkconvError):
     """
 
     exit_code = 2
+
+
+class DarkconvWarning(UserWarning):
+    """Something suspicious but not fatal (e.g. a cfg key Darknet ignores); the CLI prints it as one
+    ``darkconv: warning: ...`` line, and ``--strict`` turns cfg warnings into errors."""

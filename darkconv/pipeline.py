@@ -66,14 +66,26 @@ def resolve_names(spec: ModelSpec, names_path=None) -> tuple[str, ...]:
 
 def open_runner(model, weights=None, backend: str | None = None, *, threads: int | None = None,
                 width: int | None = None, height: int | None = None, precision: str = "fp32",
-                calib=None, workdir: str | None = None, log=None):
+                calib=None, workdir: str | None = None, log=None, url=None):
     """A (not yet activated) runner for ``model`` on ``backend``.
+
+    ``backend="triton"`` (implied by ``url``): ``model`` names the served model (a cfg/onnx stands
+    for its stem, a repository folder for its one darkconv network) on the Triton server(s) at
+    ``url`` (``HOST:PORT[,HOST:PORT...]``).
 
     A cfg on onnxruntime is exported to a temporary ONNX first (in ``workdir``), so that
     the same cfg + weights can be compared across backends; INT8 is calibrated on ``calib``
     with the recipe chosen for this CPU (``export.quantize.choose_recipe``).
     """
-    backend = canonical(backend or default_backend(model))
+    backend = canonical(backend or ("triton" if url else default_backend(model)))
+    if backend == "triton":
+        from .runners.triton import served_name
+
+        if width or height:
+            raise DarkconvError("a served model has a fixed input size; drop --size")
+        return runner_class("triton")(served_name(model), url)
+    if url:
+        raise DarkconvError(f"--url is for --backend triton, not {backend}")
     kind = model_kind(model)
     if kind == "cfg":
         if backend == "torch":

@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import ImageError
+from .errors import DarkconvError, DarkconvWarning, ImageError
 
 __all__ = ["list_images", "load_image", "load_images", "to_float", "resize", "letterbox", "letterbox_geometry",
            "preprocess", "preprocess_batch"]
@@ -41,25 +41,70 @@ _F32 = np.float32
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def _read_list(p: Path) -> list[Path]:
+    """An image list (.txt): one path per line, UTF-8; unreadable or undecodable lists are one-line errors."""
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ImageError(f"cannot read the image list: {e.strerror or e}", file=str(p)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ImageError("the image list is not UTF-8 text (byte 0x%02x): save it as UTF-8, one path per line"
+                         % data[e.start], file=str(p), line=data.count(b"\n", 0, e.start) + 1) from None
+    if "\x00" in text:
+        raise ImageError("the image list contains a NUL byte: it must be text, one path per line", file=str(p),
+                         line=text.count("\n", 0, text.index("\x00")) + 1)
+    return [Path(line.strip()) for line in text.splitlines() if line.strip()]
+
+
 def list_images(paths) -> list[Path]:
     """Expand files, directories (their images, sorted) and text files listing one path per line."""
     out: list[Path] = []
     for p in [paths] if isinstance(paths, (str, Path)) else paths:
         p = Path(p)
         if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
+            try:
+                out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
+            except OSError as e:
+                raise ImageError(f"cannot list the folder: {e.strerror or e}", file=str(p)) from None
         elif p.suffix.lower() == ".txt" and p.is_file():
-            out += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+            out += _read_list(p)
         else:
             out.append(p)
     return out
 
 
-def load_image(path) -> np.ndarray:
-    """Read an image file as H x W x 3 uint8 RGB, as Darknet's OpenCV loader does.
+#: images above this many pixels are refused before decoding (``DARKCONV_MAX_IMAGE_PIXELS`` overrides)
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+MAX_PIXELS_ENV = "DARKCONV_MAX_IMAGE_PIXELS"
+# libjpeg lines after which the image is not what the file meant; others (unknown JFIF revision,
+# libpng's "iCCP: known incorrect sRGB profile") leave a good image and become warnings
+_CORRUPT = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid SOS parameters", "Inconsistent progression",
+            "Application transferred too many scanlines", "Bogus ", "Huffman", "libpng error")
 
-    Raises :class:`ImageError` (one line: the path and the reason) when the file is
-    missing, unreadable, empty, or cannot be decoded.
+
+def max_image_pixels() -> float:
+    """The pixel limit: ``DARKCONV_MAX_IMAGE_PIXELS`` (a number, or ``inf``) or 100 megapixels."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 1:
+        raise DarkconvError(f"{MAX_PIXELS_ENV}={text!r} must be a number of pixels (e.g. 250000000, or inf)")
+    return value
+
+
+def load_image(path, *, max_pixels: float | None = None) -> np.ndarray:
+    """Read an image file as H x W x 3 uint8 RGB, as Darknet's OpenCV loader does
+    (``cv::imread(path, IMREAD_COLOR)``: EXIF orientation applied, BGR -> RGB; decoded from memory).
+
+    Raises :class:`ImageError` (one line: the path and the reason) when the file is missing,
+    unreadable, empty, larger than ``max_pixels`` (default :func:`max_image_pixels`, read from the
+    header before decoding), corrupt (libjpeg's own complaint, which is not printed) or undecodable.
     """
     p = os.fspath(path)
     if not os.path.exists(p):
@@ -68,32 +113,49 @@ def load_image(path) -> np.ndarray:
         raise ImageError("is a directory, not an image file", file=p)
     try:
         with open(p, "rb") as fh:
-            head = fh.read(64)
+            data = fh.read()
     except OSError as exc:
         raise ImageError(f"cannot read the file ({exc.strerror or exc})", file=p) from None
-    if not head:
+    if not data:
         raise ImageError("file is empty", file=p)
-    if head.startswith(b"version https://git-lfs"):
+    if data.startswith(b"version https://git-lfs"):
         raise ImageError("file is a Git LFS pointer, not the image itself (run `git lfs pull`)",
                          file=p)
+    from .imagesize import header_size
+
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > limit:
+        w, h = size
+        raise ImageError(f"the image is {w}x{h} ({w * h / 1e6:,.0f} megapixels), above darkconv's limit of "
+                         f"{limit / 1e6:,.0f} megapixels; it was not decoded (set {MAX_PIXELS_ENV} to raise "
+                         "the limit)", file=p)
     import cv2  # decoding only
 
+    from .native_stderr import run_captured
+
+    buf = np.frombuffer(data, np.uint8)
     try:
-        bgr = cv2.imread(p, cv2.IMREAD_COLOR)
-    except cv2.error as exc:  # pragma: no cover - OpenCV rarely raises here
-        raise ImageError(f"OpenCV cannot decode the file ({str(exc).strip().splitlines()[-1]})",
-                         file=p) from None
-    if bgr is None:
-        # cv2.imread cannot open some paths (e.g. non-ASCII on Windows): try from memory.
-        try:
-            buf = np.fromfile(p, dtype=np.uint8)
-            bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-        except (OSError, cv2.error):
-            bgr = None
+        bgr, lines = run_captured(lambda: cv2.imdecode(buf, cv2.IMREAD_COLOR))
+    except cv2.error as exc:  # e.g. above OpenCV's own OPENCV_IO_MAX_IMAGE_PIXELS
+        raise ImageError(f"OpenCV cannot decode the file ({_one_line(str(exc))})", file=p) from None
+    corrupt = [ln for ln in lines if ln.startswith(_CORRUPT)]
+    if corrupt:
+        raise ImageError(f"corrupt image data ({corrupt[0].strip()}): re-encode or replace the file", file=p)
     if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.size == 0:
         raise ImageError("cannot decode the image (corrupt, truncated or unsupported format)",
                          file=p)
+    if lines:
+        import warnings
+
+        for ln in lines:
+            warnings.warn(DarkconvWarning(f"{p}: {ln.strip()} (the image was decoded)"), stacklevel=2)
     return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 def load_images(paths) -> list:

@@ -2,6 +2,6 @@
 from __future__ import annotations
 
 from .common import main
-from . import bench, convert, demo, detect, parity  # noqa: E402,F401  (each registers its command on main)
+from . import bench, convert, demo, detect, eval, export, parity, serve  # noqa: E402,F401  (each registers its command on main)
 
 __all__ = ["main"]

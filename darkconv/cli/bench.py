@@ -5,13 +5,14 @@ from pathlib import Path
 
 import click
 
-from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress
+from ..io import check_output_path
+from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress, strict_option, url_option
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("weights", required=False, type=click.Path(dir_okay=False))
 @click.option("--backend", default=None,
-              help="torch | onnxruntime (ort) | tensorrt (trt) | opencv [default: from MODEL]")
+              help="torch | onnxruntime (ort) | tensorrt (trt) | opencv | triton [default: from MODEL]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="cfg models: exported precision [default: fp32]; an .onnx/engine runs its own")
 @click.option("--batch", "batches", default="1", show_default=True, help="batch sizes, comma separated: 1,4,8")
@@ -27,9 +28,13 @@ from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write every figure + the environment")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="write a PNG (name must end in .png): latency vs batch, pipeline split")
+@click.option("--concurrency", default=None, help="also keep N requests in flight at once, comma separated: "
+              "1,4,8 (threads in closed loops; for --backend triton)")
+@url_option
+@strict_option
 @handle_errors
 def bench(model, weights, backend, precision, batches, warmup, iters, seconds, threads, size, e2e, json_path,
-          plot_path):
+          plot_path, concurrency, url):
     """Latency / throughput of MODEL(.cfg [WEIGHTS] | .onnx | engine) on one backend, per batch size.
 
     A cfg without WEIGHTS runs on random weights (speed only). Load / export / session
@@ -43,15 +48,23 @@ def bench(model, weights, backend, precision, batches, warmup, iters, seconds, t
         batch_list = bm.parse_batches(batches)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--batch") from None
+    try:
+        conc = bm.parse_batches(concurrency) if concurrency else None
+    except ValueError as e:
+        raise click.BadParameter(str(e).replace("batch sizes", "concurrency levels"), param_hint="--concurrency") \
+            from None
     width, height = parse_size(size)
     if plot_path and Path(plot_path).suffix.lower() != ".png":
         raise click.BadParameter(f"{plot_path}: the plot is a PNG, name it *.png", param_hint="--plot")
+    for out in (json_path, plot_path):  # before any work, not after minutes of timing
+        if out:
+            check_output_path(out)
     prep = bm.prepare(model, weights, backend, precision=precision, width=width, height=height, threads=threads,
-                      calib=list(e2e) or None, max_batch=max(batch_list), log=click.echo)
+                      calib=list(e2e) or None, max_batch=max(batch_list), log=click.echo, url=url)
     try:
         result = bm.run_bench(prep, batch_list, warmup=warmup, iters=iters, seconds=seconds, e2e=list(e2e) or None,
                               progress=progress(unit="it", leave=False), log=click.echo,
-                              settings={"threads_requested": threads})
+                              settings={"threads_requested": threads, "concurrency": conc}, concurrency=conc)
     finally:
         prep.cleanup()
     click.echo(bm.format_report(result))

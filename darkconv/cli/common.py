@@ -2,36 +2,94 @@
 
 Errors from darkconv (bad cfg, wrong weights, missing backend, unreadable image)
 are printed as one line naming the file/line/layer and the fix, with a non-zero exit.
+Warnings (e.g. a cfg key Darknet ignores) are one ``darkconv: warning: ...`` line each.
+SIGTERM is handled like Ctrl-C: temp files are removed and the command exits with one line
+(exit code 143 for SIGTERM, 130 for SIGINT).
 Each command lives in its own module of this package and registers itself on :data:`main`.
 """
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 import click
 
 from .. import __version__
-from ..errors import DarkconvError
+from ..errors import DarkconvError, DarkconvWarning
 
 PRECISIONS = ("fp32", "fp16", "int8")
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so that it unwinds like Ctrl-C (temp files removed)."""
+
+
+def _one_line(msg: str, limit: int = 400) -> str:
+    """The promise is one line: a multi-line message (e.g. a library's backtrace) is joined and cut."""
+    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    text = " | ".join(lines) if lines else "unknown error"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _die(msg: str, code: int = 1):
-    click.echo(f"darkconv: error: {msg}", err=True)
+    click.echo(f"darkconv: error: {_one_line(msg)}", err=True)
     sys.exit(code)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    if issubclass(category, DarkconvWarning):
+        click.echo(f"darkconv: warning: {_one_line(message)}", err=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def handle_errors(fn):
+    """Run a command: DarkconvError -> one line + its exit code; Ctrl-C / SIGTERM -> one line, 130 / 143;
+    darkconv warnings printed as one line each."""
     @functools.wraps(fn)
     def wrapper(*a, **k):
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
         try:
-            return fn(*a, **k)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", DarkconvWarning)
+                warnings.showwarning = _show_warning
+                return fn(*a, **k)
         except DarkconvError as e:
             _die(str(e), e.exit_code)
+        except Terminated:
+            _die("terminated (SIGTERM); nothing half-written was left", EXIT_SIGTERM)
         except KeyboardInterrupt:
-            _die("interrupted", 130)
+            _die("interrupted", EXIT_SIGINT)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+    return wrapper
+
+
+def strict_option(fn):
+    """``--strict`` for a command that reads a cfg: keys Darknet does not read are errors, not warnings.
+
+    One line per command: put ``@strict_option`` between the click options and ``@handle_errors``;
+    the command function does not see the flag (it sets the process default for ``darkconv.load``).
+    """
+    from ..darknet.keys import strict_keys
+
+    @click.option("--strict", is_flag=True,
+                  help="treat cfg keys Darknet does not read (typos such as activaton=) as errors, not warnings")
+    @functools.wraps(fn)
+    def wrapper(*a, strict=False, **k):
+        with strict_keys(strict):
+            return fn(*a, **k)
     return wrapper
 
 
@@ -70,15 +128,26 @@ def parse_batch(value: str):
     raise click.BadParameter(f"{value!r}: expected dynamic, N or MIN:OPT:MAX with 0 < MIN <= OPT <= MAX")
 
 
-def split_model_args(args, need_inputs=True):
-    """MODEL [WEIGHTS] INPUTS...: a cfg is followed by its .weights when one is given."""
+def url_option(fn):
+    """``--url HOST:PORT[,HOST:PORT...]``: run on Triton server(s) (implies ``--backend triton``)."""
+    return click.option("--url", default=None, metavar="HOST:PORT[,...]",
+                        help="Triton server(s) serving MODEL (a served model name, or a cfg/onnx standing for its "
+                             "stem): requests spread over them, a failed one is retried on another; implies "
+                             "--backend triton. http:// or grpc:// (port 8001: gRPC) [default: HTTP]")(fn)
+
+
+def split_model_args(args, need_inputs=True, served=False):
+    """MODEL [WEIGHTS] INPUTS...: a cfg is followed by its .weights when one is given.
+
+    ``served``: MODEL may name a model on a Triton server (no file needed).
+    """
     args = list(args)
     if not args:
         raise click.UsageError("missing MODEL")
     model, weights = args.pop(0), None
     if Path(model).suffix.lower() == ".cfg" and args and Path(args[0]).suffix.lower() == ".weights":
         weights = args.pop(0)
-    if not Path(model).exists():
+    if not served and not Path(model).exists():
         raise DarkconvError("no such file", file=model)
     if need_inputs and not args:
         raise click.UsageError("missing IMAGE_OR_DIR")
@@ -101,7 +170,7 @@ class DarkconvGroup(click.Group):
             sys.exit(e.exit_code)
         except click.exceptions.Abort:
             click.echo("darkconv: error: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_SIGINT)
 
 
 @click.group(cls=DarkconvGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from ..errors import DarkconvError
-from ..preprocess import IMAGE_EXTS
 from ..export.quantize import RECIPES as _RECIPES
-from .common import PRECISIONS, handle_errors, main, parse_batch, parse_size, progress
+from ..io import check_output_path
+from ..preprocess import IMAGE_EXTS
+from .common import PRECISIONS, handle_errors, main, parse_batch, parse_size, progress, strict_option
 
 RECIPE_NAMES = tuple(_RECIPES)
 
@@ -47,6 +48,7 @@ RECIPE_NAMES = tuple(_RECIPES)
 @click.option("--engine", type=click.Path(dir_okay=False), help="also build a TensorRT engine here")
 @click.option("--workspace", type=float, default=4.0, show_default=True, help="TensorRT workspace (GB)")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read+written)")
+@strict_option
 @handle_errors
 def convert(cfg, weights, output, precision, calib, check, calib_method, int8_target, int8_recipe, int8_budget,
             int8_report, size, batch, opset, names, engine, workspace, timing_cache):
@@ -71,9 +73,14 @@ def convert(cfg, weights, output, precision, calib, check, calib_method, int8_ta
     plan = plan_int8(calib, check, int8_target, int8_recipe, engine) if precision == "int8" else None
     stem = Path(cfg).stem
     output = Path(output or f"{stem}{'' if precision == 'fp32' else '-' + precision}.onnx")
-    for out in [output] + [Path(p) for p in (engine, int8_report) if p]:
-        if not out.resolve().parent.is_dir():
-            raise DarkconvError(f"the folder {out.parent} does not exist", file=str(out))
+    outputs = [output] + ([Path(engine), Path(f"{engine}.json")] if engine else []) + \
+        ([Path(timing_cache)] if timing_cache else []) + ([Path(int8_report)] if int8_report else [])
+    inputs = {Path(p).resolve() for p in (cfg, weights, names) if p}
+    for out in outputs:  # before any work: a bad output path fails in milliseconds, not after the export
+        check_output_path(out)
+        if out.resolve() in inputs:
+            raise DarkconvError("is one of the inputs: writing it would destroy it; give another output path",
+                                file=str(out))
     if engine:
         from ..export.tensorrt import require_tensorrt
         require_tensorrt()  # fail before writing anything

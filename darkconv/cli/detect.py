@@ -6,11 +6,13 @@ from pathlib import Path
 import click
 
 from ..errors import DarkconvError
-from .common import _die, handle_errors, main, parse_size, progress, split_model_args
+from .common import (_die, handle_errors, main, parse_size, progress, split_model_args, strict_option,
+                     url_option)
 
 @main.command()
 @click.argument("args", nargs=-1, required=True)
-@click.option("--backend", default=None, help="torch | onnxruntime | tensorrt | opencv [default: from MODEL]")
+@click.option("--backend", default=None,
+              help="torch | onnxruntime | tensorrt | opencv | triton [default: from MODEL]")
 @click.option("--thresh", type=click.FloatRange(0, 1), default=0.25, show_default=True)
 @click.option("--nms", type=click.FloatRange(0, 1), default=0.45, show_default=True, help="NMS threshold (0 disables)")
 @click.option("--letterbox/--no-letterbox", default=None, help="override the cfg's letter_box")
@@ -22,24 +24,28 @@ from .common import _die, handle_errors, main, parse_size, progress, split_model
 @click.option("--size", help="network input WxH (cfg models)")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores]")
+@url_option
+@strict_option
 @handle_errors
 def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agnostic, max_det, size, batch,
-           threads):
+           threads, url):
     """Detect objects: detect MODEL.cfg [MODEL.weights] IMAGE_OR_DIR...  |  detect MODEL.onnx|ENGINE IMAGE_OR_DIR..."""
     from ..detect import expand_inputs, run_detect
     from ..pipeline import model_kind, open_runner, resolve_names
 
-    model, weights, inputs = split_model_args(args)
+    served = bool(url) or (backend or "").lower() == "triton"
+    model, weights, inputs = split_model_args(args, served=served)
     if not expand_inputs(inputs):
         _die("no images found in " + ", ".join(inputs), 2)
     if size and model_kind(model) != "cfg":
         raise click.BadParameter("an .onnx or engine has a fixed input size; --size applies to cfg models",
                                  param_hint="--size")
-    if Path(model).suffix.lower() == ".cfg" and weights is None:
+    if Path(model).suffix.lower() == ".cfg" and weights is None and not served:
         raise DarkconvError("detect needs the .weights after the cfg (random weights detect nothing useful): "
                             "darkconv detect MODEL.cfg MODEL.weights IMAGES...", file=model)
     width, height = parse_size(size)
-    runner = open_runner(model, weights, backend, threads=threads, width=width, height=height, log=click.echo)
+    runner = open_runner(model, weights, backend, threads=threads, width=width, height=height, log=click.echo,
+                         url=url)
     with runner:
         class_names = resolve_names(runner.spec, names)
         results, t = run_detect(runner, inputs, class_names, thresh=thresh, nms=nms, letterbox=letterbox,
@@ -57,4 +63,11 @@ def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agn
     if json_path:
         click.echo(f"wrote {json_path}")
     if failed:
-        _die(f"{len(failed)} of {len(results)} image(s) could not be read", 2)
+        unread = [r for r in failed if r.failed_stage != "inference"]
+        gone = [r for r in failed if r.failed_stage == "inference"]
+
+        def names_of(rs):
+            return ", ".join(str(r.path) for r in rs[:10]) + (" ..." if len(rs) > 10 else "")
+        parts = ([f"{len(unread)} of {len(results)} image(s) could not be read ({names_of(unread)})"] if unread else []) + \
+            ([f"{len(gone)} of {len(results)} image(s) failed in inference ({names_of(gone)})"] if gone else [])
+        _die("; ".join(parts), 2)

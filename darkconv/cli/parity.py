@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import click
 
-from .common import PRECISIONS, _die, handle_errors, main, parse_size
+from .common import PRECISIONS, _die, handle_errors, main, parse_size, strict_option, url_option
 
 @main.command()
 @click.argument("cfg", type=click.Path(exists=True, dir_okay=False))
 @click.argument("weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--backends", default="torch,onnxruntime", show_default=True,
-              help="comma list; the first is the reference (opencv = OpenCV DNN as an independent check)")
+              help="comma list; the first is the reference (opencv = OpenCV DNN as an independent check; "
+                   "triton = the model served at --url)")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="precision of the exported backends (torch and opencv stay FP32)")
 @click.option("--images", multiple=True, type=click.Path(exists=True),
@@ -24,8 +25,11 @@ from .common import PRECISIONS, _die, handle_errors, main, parse_size
 @click.option("--tol-head", type=float, default=None, help="max relative head error [default per precision]")
 @click.option("--tol-score", type=float, default=None, help="max |Δscore| [default per precision]")
 @click.option("--threads", type=click.IntRange(1), default=None)
+@url_option
+@strict_option
 @handle_errors
-def parity(cfg, weights, backends, precision, images, calib, thresh, nms, size, batch, tol_head, tol_score, threads):
+def parity(cfg, weights, backends, precision, images, calib, thresh, nms, size, batch, tol_head, tol_score, threads,
+           url):
     """Run the same images through several backends and compare heads and detections."""
     import tempfile
 
@@ -44,8 +48,12 @@ def parity(cfg, weights, backends, precision, images, calib, thresh, nms, size, 
         for b in names:
             b = canonical(b)
             p = precision if b == "onnxruntime" else "fp32"
-            r = open_runner(cfg, weights, b, threads=threads, width=width, height=height, precision=p,
-                            calib=calib_files if p == "int8" else None, workdir=tmp)
+            if b == "triton":
+                r = open_runner(cfg, weights, b, width=width, height=height, url=url)
+                p = r.spec.source.get("precision", "fp32")
+            else:
+                r = open_runner(cfg, weights, b, threads=threads, width=width, height=height, precision=p,
+                                calib=calib_files if p == "int8" else None, workdir=tmp)
             runners.append(r)
             precisions.append(p)
         for r in runners:

@@ -7,6 +7,7 @@ line number of every key so that any later error can point at it.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,13 @@ SECTION_ALIASES = {
 
 _INT = re.compile(r"^[+-]?\d+")
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+INT_MIN, INT_MAX = -2**31, 2**31 - 1  # Darknet's atoi() into a C int
+FLT_MAX = 3.4028234663852886e38       # atof() stored in a C float
+
+
+def _shown(text: str, limit: int = 24) -> str:
+    """A value as it appears in a message: long ones are cut (a 6,000-digit number is one line too)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text):,} characters)"
 
 
 @dataclass
@@ -62,15 +70,30 @@ class Section:
     def str(self, key: str, default: str | None = None) -> str | None:
         return self.options[key][0] if key in self.options else default
 
-    def int(self, key: str, default: int | None = None) -> int | None:
+    def int(self, key: str, default: int | None = None, *, lo: int | None = None,
+            hi: int | None = None) -> int | None:
+        """``option_find_int``; with ``lo``/``hi`` a given value outside [lo, hi] is a CfgError naming the key."""
         if key not in self.options:
             return default
-        return self._int(self.options[key][0], key)
+        return self._check_range(key, self._int(self.options[key][0], key), lo, hi)
 
-    def float(self, key: str, default: float | None = None) -> float | None:
+    def float(self, key: str, default: float | None = None, *, lo: float | None = None,
+              hi: float | None = None, positive: bool = False) -> float | None:
         if key not in self.options:
             return default
-        return self._float(self.options[key][0], key)
+        v = self._float(self.options[key][0], key)
+        if positive and not v > 0:
+            raise self.error(f"{key}={v:g} must be positive", key)
+        return self._check_range(key, v, lo, hi)
+
+    def _check_range(self, key, v, lo, hi):
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            if lo is not None and hi is not None:
+                want = f"between {lo} and {hi}"
+            else:
+                want = f"at least {lo}" if lo is not None else f"at most {hi}"
+            raise self.error(f"{key}={v:g} must be {want}" if isinstance(v, float) else f"{key}={v} must be {want}", key)
+        return v
 
     def ints(self, key: str, default: list[int] | None = None) -> list[int] | None:
         if key not in self.options:
@@ -88,14 +111,23 @@ class Section:
     def _int(self, text: str, key: str) -> int:
         m = _INT.match(text)  # atoi: leading integer, "0.5" -> 0
         if not m:
-            raise self.error(f"{key}={text!r} is not a number", key)
-        return int(m.group(0))
+            raise self.error(f"{key}={_shown(text)} is not a number", key)
+        digits = m.group(0).lstrip("+-").lstrip("0")
+        v = int(m.group(0)) if len(digits) <= 10 else None  # no int() of thousands of digits
+        if v is None or not INT_MIN <= v <= INT_MAX:
+            raise self.error(f"{key}={_shown(m.group(0))} is out of range: Darknet reads it as a 32-bit int "
+                             f"(between {INT_MIN} and {INT_MAX})", key)
+        return v
 
     def _float(self, text: str, key: str) -> float:
         m = _FLOAT.match(text)
         if not m:
-            raise self.error(f"{key}={text!r} is not a number", key)
-        return float(m.group(0))
+            raise self.error(f"{key}={_shown(text)} is not a number", key)
+        v = float(m.group(0))
+        if not math.isfinite(v) or abs(v) > FLT_MAX:
+            raise self.error(f"{key}={_shown(m.group(0))} is out of range: Darknet reads it as a 32-bit float "
+                             "(at most 3.4e38 in magnitude)", key)
+        return v
 
 
 @dataclass
@@ -121,24 +153,27 @@ def parse_cfg(path: str | Path, text: str | None = None) -> Cfg:
     sections: list[Section] = []
     current: Section | None = None
     for lineno, line in enumerate(text.splitlines(), start=1):
+        if "\x00" in line:  # Darknet's fgetl would silently cut the line there ("filters=1\x006" reads as 1)
+            raise CfgError("the line contains a NUL byte (Darknet would silently cut the line there): remove it",
+                           file=path, line=lineno)
         line = "".join(line.split())  # Darknet's strip(): removes every whitespace char
         if not line or line[0] in "#;":
             continue
         if line[0] == "[":
             if not line.endswith("]"):
-                raise CfgError(f"malformed section header {line!r}: expected [name]", file=path, line=lineno)
+                raise CfgError(f"malformed section header {_shown(line, 60)}: expected [name]", file=path, line=lineno)
             name = line[1:-1].lower()
             if name not in SECTION_ALIASES:
                 known = ", ".join(sorted(set(SECTION_ALIASES.values())))
-                raise CfgError(f"unknown section [{name}]: darkconv supports {known}", file=path, line=lineno,
+                raise CfgError(f"unknown section [{name if len(name) <= 40 else name[:40] + '...'}]: darkconv supports {known}", file=path, line=lineno,
                                layer=max(len(sections) - 1, 0) if sections else None)
             current = Section(SECTION_ALIASES[name], len(sections) - 1, path, lineno, name=name)
             sections.append(current)
             continue
         if current is None:
-            raise CfgError(f"option {line!r} before any [section]", file=path, line=lineno)
+            raise CfgError(f"option {_shown(line, 60)} before any [section]", file=path, line=lineno)
         if "=" not in line:
-            raise CfgError(f"line {line!r} is not key=value", file=path, line=lineno)
+            raise CfgError(f"line {_shown(line, 60)} is not key=value", file=path, line=lineno)
         key, value = line.split("=", 1)
         for c in "#;":  # inline comment (Darknet would choke on it silently)
             if c in value:

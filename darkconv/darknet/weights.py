@@ -8,13 +8,13 @@ short file, trailing data, and files that are obviously not weights.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DarkconvError, WeightsError
+from ..errors import WeightsError
+from ..io import atomic_write  # noqa: F401  (the one atomic writer; re-exported here for existing callers)
 
 
 @dataclass(frozen=True)
@@ -110,28 +110,3 @@ class WeightsWriter:
         head = np.array([h.major, h.minor, h.revision], "<i4").tobytes()
         head += np.array([h.seen], "<u8" if h.size == 20 else "<u4").tobytes()
         atomic_write(path, [head] + [c.tobytes() for c in self.chunks])
-
-
-def atomic_write(path: str | Path, chunks) -> None:
-    """Write bytes chunks to a temp file beside ``path`` and rename it into place."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    except OSError as e:
-        raise DarkconvError(f"cannot write here: {e.strerror}", file=str(path)) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise DarkconvError(f"cannot write: {e.strerror}", file=str(path)) from None
-        raise

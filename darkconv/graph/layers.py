@@ -26,6 +26,20 @@ class DarknetModule(nn.Module):
         return []
 
 
+class _NoInitConv2d(nn.Conv2d):
+    """nn.Conv2d without the random init (torch.empty parameters): for models whose .weights are loaded next."""
+
+    def reset_parameters(self):
+        pass
+
+
+class _NoInitLinear(nn.Linear):
+    """nn.Linear without the random init, like :class:`_NoInitConv2d`."""
+
+    def reset_parameters(self):
+        pass
+
+
 # -- convolutional ---------------------------------------------------------------
 class Convolutional(DarknetModule):
     """[convolutional]: conv (+ batchnorm) + bias + activation, optional antialiasing blur.
@@ -34,9 +48,11 @@ class Convolutional(DarknetModule):
     ``fuse()`` folds BN into the conv (for export); outputs agree to float rounding.
     """
 
-    def __init__(self, c_in, n, size, stride, pad, dilation, groups, bn, act: Activation, blur=None):
+    def __init__(self, c_in, n, size, stride, pad, dilation, groups, bn, act: Activation, blur=None, init=True):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, n, size, stride, pad * dilation, dilation, groups, bias=True)
+        # init=False: uninitialised parameters, for a model whose .weights overwrite every one of them
+        self.conv = (nn.Conv2d if init else _NoInitConv2d)(c_in, n, size, stride, pad * dilation, dilation, groups,
+                                                            bias=True)
         nn.init.zeros_(self.conv.bias)
         self.bn = bn
         if bn:
@@ -91,35 +107,49 @@ def _blur_kernel(n: int, antialiasing: int) -> torch.Tensor:
 def _blur(n: int, antialiasing: int, stride: tuple[int, int], h: int, w: int):
     """The depthwise blur Darknet appends for ``antialiasing`` (make_convolutional_layer /
     make_maxpool_layer): 3x3 [1,2,1]x[1,2,1]/16 with padding 1, or for antialiasing=2 a 2x2 mean with
-    padding 0, carrying the layer's stride. Returns (kernel, stride, pad) and the blurred (h, w)."""
+    padding 0, carrying the layer's stride. Returns a factory of (kernel, stride, pad) (the kernel is
+    allocated only when the module is made) and the blurred (h, w)."""
     size, pad = (2, 0) if antialiasing == 2 else (3, 1)
     sy, sx = stride
-    return (_blur_kernel(n, antialiasing), (sy, sx), pad), ((h + 2 * pad - size) // sy + 1,
-                                                             (w + 2 * pad - size) // sx + 1)
+    return (lambda: (_blur_kernel(n, antialiasing), (sy, sx), pad)), ((h + 2 * pad - size) // sy + 1,
+                                                                       (w + 2 * pad - size) // sx + 1)
+
+
+def _check_strides(s, sx: int, sy: int) -> None:
+    """Pooling strides must be positive; one that fell back to ``stride`` names ``stride`` in the error."""
+    for key, value in (("stride_x", sx), ("stride_y", sy)):
+        if value < 1:
+            key = key if s.has(key) else "stride"
+            raise s.error(f"{key}={value} must be at least 1", key)
 
 
 @register("convolutional")
 def build_convolutional(s, ctx: BuildContext) -> Built:
     c, h, w = ctx.prev
-    n = s.int("filters", 1)
-    size = s.int("size", 1)
-    groups = s.int("groups", 1)
-    stride = s.int("stride", 1)
+    n = s.int("filters", 1, lo=1)
+    size = s.int("size", 1, lo=1)
+    groups = s.int("groups", 1, lo=1)
     sx, sy = s.int("stride_x", -1), s.int("stride_y", -1)
-    sx = stride if sx < 1 else sx
-    sy = stride if sy < 1 else sy
+    stride = s.int("stride", 1) if sx < 1 or sy < 1 else 1  # parse_convolutional: stride only as fallback
+    if sx < 1 or sy < 1:
+        if stride < 1:
+            raise s.error(f"stride={stride} must be at least 1", "stride")
+        sx = stride if sx < 1 else sx
+        sy = stride if sy < 1 else sy
     dilation = s.int("dilation", 1)
     if size == 1:
         dilation = 1
-    padding = size // 2 if s.int("pad", 0) else s.int("padding", 0)
+    elif dilation < 1:
+        raise s.error(f"dilation={dilation} must be at least 1", "dilation")
+    padding = size // 2 if s.int("pad", 0) else s.int("padding", 0, lo=0)
     antialiasing = s.int("antialiasing", 0)
     if s.has("share_index"):  # any value (0 too) shares another layer's weights; none are in the file
         raise s.error("option share_index is not supported by darkconv", "share_index")
-    for key in ("binary", "xnor", "deform", "sway", "rotate", "stretch", "stretch_sway"):
+    for key in ("binary", "xnor", "sway", "rotate", "stretch", "stretch_sway"):
         if s.int(key, 0):
             raise s.error(f"option {key} is not supported by darkconv", key)
-    if n < 1 or size < 1 or groups < 1 or sx < 1 or sy < 1 or dilation < 1:
-        raise s.error("filters, size, groups, stride and dilation must be positive")
+    if s.int("coordconv", 0):  # forward_convolutional_layer_gpu overwrites channels with coordinates
+        raise s.error("option coordconv (GPU-only coordinate channels) is not supported by darkconv", "coordconv")
     if c % groups or n % groups:
         raise s.error(f"groups={groups} must divide the input channels ({c}) and filters ({n})", "groups")
     if antialiasing:
@@ -139,15 +169,25 @@ def build_convolutional(s, ctx: BuildContext) -> Built:
         raise s.error(f"size={size} padding={padding} dilation={dilation} gives an invalid output "
                       f"for a {w}x{h} input")
     blur = None
+    # im2col buffer (get_workspace_size32); with antialiasing also the stride-1 output the blur reads
+    workspace = c // groups * size * size * oh * ow + (n * oh * ow if antialiasing else 0)
     if antialiasing:
         blur, (oh, ow) = _blur(n, antialiasing, (sy, sx), oh, ow)
         if oh < 1 or ow < 1:
             raise s.error(f"antialiasing={antialiasing} with stride {sx}x{sy} gives an empty output", "antialiasing")
-    bn = bool(s.int("batch_normalize", 0))
-    mod = Convolutional(c, n, size, stride_conv, padding, dilation, groups, bn,
-                        activation(s, default="logistic"), blur)
-    mod.flipped = bool(s.int("flipped", 0))
-    return Built(mod, (n, oh, ow))
+    # cbn=1 is cross-iteration batch norm (batch_normalize=2): the same inference and .weights layout
+    bn = bool(s.int("batch_normalize", 0) or s.int("cbn", 0))
+    act = activation(s, default="logistic")
+    flipped = bool(s.int("flipped", 0))
+    params = n * (1 + 3 * bn) + n * (c // groups) * size * size
+
+    def make(init: bool):
+        mod = Convolutional(c, n, size, stride_conv, padding, dilation, groups, bn, act,
+                            blur() if blur else None, init=init)
+        mod.flipped = flipped
+        return mod
+
+    return Built(make, (n, oh, ow), params=params, workspace=workspace, key=("filters", "size", "groups"))
 
 
 # -- pooling ---------------------------------------------------------------------
@@ -192,16 +232,27 @@ class MaxPool(DarknetModule):
         return y
 
 
+def _pool_geometry(s) -> tuple[int, int, int, int]:
+    """parse_maxpool / parse_local_avgpool: (size, stride_x, stride_y, padding); size defaults to stride,
+    padding to size-1. Each must be usable; an error names the key that gave the bad value."""
+    stride = s.int("stride", 1)
+    sx, sy = s.int("stride_x", stride), s.int("stride_y", stride)
+    _check_strides(s, sx, sy)
+    size = s.int("size", stride)
+    if size < 1:
+        key = "size" if s.has("size") else "stride"
+        raise s.error(f"{key}={size} must be at least 1", key)
+    padding = s.int("padding", size - 1, lo=0)
+    return size, sx, sy, padding
+
+
 @register("maxpool")
 def build_maxpool(s, ctx: BuildContext) -> Built:
     c, h, w = ctx.prev
-    stride = s.int("stride", 1)
-    sx, sy = s.int("stride_x", stride), s.int("stride_y", stride)
-    size = s.int("size", stride)  # parse_maxpool: size defaults to stride
-    padding = s.int("padding", size - 1)
+    size, sx, sy, padding = _pool_geometry(s)
     antialiasing = s.int("antialiasing", 0)
-    if size < 1 or sx < 1 or sy < 1 or padding < 0:
-        raise s.error("size and strides must be positive, padding not negative")
+    if s.int("maxpool_zero_nonmax", 0):  # forward_maxpool_layer_gpu zeroes the non-max inputs in place
+        raise s.error("option maxpool_zero_nonmax (GPU-only) is not supported by darkconv", "maxpool_zero_nonmax")
     if s.int("maxpool_depth", 0):
         out_c = s.int("out_channels", 1)
         if not 1 <= out_c <= c:
@@ -213,12 +264,17 @@ def build_maxpool(s, ctx: BuildContext) -> Built:
     oh, ow = (h + padding - size) // pool_stride[0] + 1, (w + padding - size) // pool_stride[1] + 1
     if oh < 1 or ow < 1:
         raise s.error(f"size={size} is larger than the {w}x{h} input", "size")
+    # MaxPool.forward materialises the padded input (and, with antialiasing, the stride-1 output)
+    workspace = c * (h + padding) * (w + padding) if padding else 0
     blur = None
     if antialiasing:
+        workspace += c * oh * ow
         blur, (oh, ow) = _blur(c, antialiasing, (sy, sx), oh, ow)
         if oh < 1 or ow < 1:
             raise s.error(f"antialiasing={antialiasing} with stride {sx}x{sy} gives an empty output", "antialiasing")
-    return Built(MaxPool(size, pool_stride, padding, 0, blur), (c, oh, ow))
+    if blur is None:
+        return Built(MaxPool(size, pool_stride, padding, 0), (c, oh, ow), workspace=workspace)
+    return Built(lambda init: MaxPool(size, pool_stride, padding, 0, blur()), (c, oh, ow), workspace=workspace)
 
 
 class LocalAvgPool(DarknetModule):
@@ -240,18 +296,14 @@ class LocalAvgPool(DarknetModule):
 @register("local_avgpool")
 def build_local_avgpool(s, ctx: BuildContext) -> Built:
     c, h, w = ctx.prev
-    stride = s.int("stride", 1)
-    sx, sy = s.int("stride_x", stride), s.int("stride_y", stride)
-    size = s.int("size", stride)  # parse_local_avgpool: size defaults to stride
-    padding = s.int("padding", size - 1)
-    if size < 1 or sx < 1 or sy < 1 or padding < 0:
-        raise s.error("size and strides must be positive, padding not negative")
+    size, sx, sy, padding = _pool_geometry(s)
     oh, ow = (h + padding - size) // sy + 1, (w + padding - size) // sx + 1
     if oh < 1 or ow < 1 or padding // 2 >= size or (ow - 1) * sx - padding // 2 >= w \
             or (oh - 1) * sy - padding // 2 >= h:
         raise s.error(f"size={size} padding={padding} gives windows without any input cell for a {w}x{h} "
                       "input (Darknet divides by zero there)", "size")
-    return Built(LocalAvgPool(size, (sy, sx), padding), (c, oh, ow))
+    # LocalAvgPool.forward pads the input and a ones plane
+    return Built(LocalAvgPool(size, (sy, sx), padding), (c, oh, ow), workspace=(c + 1) * (h + padding) * (w + padding))
 
 
 class GlobalAvgPool(DarknetModule):
@@ -290,6 +342,8 @@ def build_upsample(s, ctx: BuildContext) -> Built:
         raise s.error("stride=0 is not valid", "stride")
     if stride > 0:
         return Built(Upsample(stride, scale), (c, h * stride, w * stride))
+    if -stride > min(h, w):
+        raise s.error(f"stride={stride} (downsampling by {-stride}) is larger than the {w}x{h} input", "stride")
     return Built(Upsample(stride, scale), (c, h // -stride, w // -stride))
 
 
@@ -466,8 +520,10 @@ def build_shortcut(s, ctx: BuildContext) -> Built:
         raise s.error(f"weights_normalization={wn!r}: expected none, relu or softmax", "weights_normalization")
     if wt == "none":
         wn = "none"  # no weights, nothing to normalize
-    mod = Shortcut(len(idx), c, wt, wn, _elementwise_activation(s, supported=("swish", "mish")))
-    return Built(mod, (c, h, w), inputs=(ctx.index - 1,) + idx)
+    act = _elementwise_activation(s, supported=("swish", "mish"))
+    params = {"none": 0, "per_feature": len(idx) + 1, "per_channel": (len(idx) + 1) * c}[wt]
+    return Built(lambda init: Shortcut(len(idx), c, wt, wn, act), (c, h, w), inputs=(ctx.index - 1,) + idx,
+                 params=params, key="weights_type")
 
 
 class Sam(DarknetModule):
@@ -564,15 +620,16 @@ class BatchNorm(DarknetModule):
 
 @register("batchnorm")
 def build_batchnorm(s, ctx: BuildContext) -> Built:
-    return Built(BatchNorm(ctx.prev[0]), ctx.prev)
+    c = ctx.prev[0]
+    return Built(lambda init: BatchNorm(c), ctx.prev, params=4 * c)
 
 
 class Connected(DarknetModule):
     """[connected]: file order biases, weights (outputs × inputs), then BN scales/mean/variance."""
 
-    def __init__(self, inputs, outputs, bn, act):
+    def __init__(self, inputs, outputs, bn, act, init=True):
         super().__init__()
-        self.fc = nn.Linear(inputs, outputs)
+        self.fc = (nn.Linear if init else _NoInitLinear)(inputs, outputs)
         self.bn = bn
         if bn:
             self.register_buffer("scales", torch.ones(outputs))
@@ -598,9 +655,12 @@ class Connected(DarknetModule):
 @register("connected")
 def build_connected(s, ctx: BuildContext) -> Built:
     c, h, w = ctx.prev
-    out = s.int("output", 1)
-    mod = Connected(c * h * w, out, bool(s.int("batch_normalize", 0)), _elementwise_activation(s, "logistic"))
-    return Built(mod, (out, 1, 1))
+    out = s.int("output", 1, lo=1)
+    bn = bool(s.int("batch_normalize", 0))
+    act = _elementwise_activation(s, "logistic")
+    params = out * (1 + 3 * bn) + out * c * h * w
+    return Built(lambda init: Connected(c * h * w, out, bn, act, init=init), (out, 1, 1), params=params,
+                 key="output")
 
 
 class Softmax(DarknetModule):
@@ -622,7 +682,10 @@ def build_softmax(s, ctx: BuildContext) -> Built:
     groups = s.int("groups", 1)
     if groups < 1 or (c * h * w) % groups:
         raise s.error(f"groups={groups} must divide the {c * h * w} inputs", "groups")
-    return Built(Softmax(groups, s.float("temperature", 1.0)), ctx.prev)
+    if s.has("tree"):
+        raise s.error("[softmax] tree= (hierarchical softmax) is not supported by darkconv", "tree")
+    # temperature 0 divides by zero (NaN outputs); Darknet's softmax() overflows for negative ones
+    return Built(Softmax(groups, s.float("temperature", 1.0, positive=True)), ctx.prev)
 
 
 # -- heads -----------------------------------------------------------------------
@@ -653,6 +716,7 @@ def _check_head_filters(s, ctx, anchors_used, classes, coords=4):
 
 
 def _anchors(s, count: int, key: str = "anchors") -> list[tuple[float, float]]:
+    """``count`` (w, h) anchor pairs; checked before anything of size ``count`` is built."""
     a = s.floats(key, [])
     if len(a) < 2 * count:
         raise s.error(f"anchors has {len(a)} values, needs {2 * count} (num={count} pairs)", key)
@@ -661,10 +725,10 @@ def _anchors(s, count: int, key: str = "anchors") -> list[tuple[float, float]]:
 
 @register("yolo")
 def build_yolo(s, ctx: BuildContext) -> Built:
-    total = s.int("num", 1)
+    total = s.int("num", 1, lo=1)
+    classes = s.int("classes", 20, lo=1)
+    anchors = _anchors(s, total)  # before mask's default range(num): num=10^9 fails here, cheaply
     mask = s.ints("mask", list(range(total)))
-    classes = s.int("classes", 20)
-    anchors = _anchors(s, total)
     for m in mask:
         if not 0 <= m < total:
             raise s.error(f"mask entry {m} is out of range for num={total}", "mask")
@@ -678,8 +742,8 @@ def build_yolo(s, ctx: BuildContext) -> Built:
 
 @register("region")
 def build_region(s, ctx: BuildContext) -> Built:
-    num = s.int("num", 1)
-    classes = s.int("classes", 20)
+    num = s.int("num", 1, lo=1)
+    classes = s.int("classes", 20, lo=1)
     coords = s.int("coords", 4)
     if coords != 4:
         raise s.error(f"coords={coords}: only 4 is supported", "coords")

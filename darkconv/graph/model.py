@@ -13,18 +13,67 @@ from torch import nn
 
 from .. import __version__
 from ..darknet.cfg import Cfg, parse_cfg
+from ..darknet.keys import check_keys
 from ..darknet.spec import ModelSpec
 from ..darknet.weights import WeightsReader, WeightsWriter
 from ..errors import CfgError
 from . import layers as _layers  # noqa: F401  (registers the builders)
+from . import memory
 from .layers import BN_EPS, Convolutional
-from .registry import BUILDERS, BuildContext
+from .registry import BUILDERS, BuildContext, Built
+
+
+def plan_network(cfg: Cfg, input_shape) -> tuple[list[Built], list]:
+    """Run every layer's builder (options, checks, shapes, parameter counts), allocating nothing big.
+
+    Returns one :class:`Built` per layer section and the head specs, in cfg order.
+    """
+    ctx = BuildContext(cfg.net, 0, [], tuple(input_shape))
+    plan, heads = [], []
+    for s in cfg.layers:
+        ctx.index = s.index
+        builder = BUILDERS.get(s.type)
+        if builder is None:
+            raise s.error(f"[{s.name}] is recognised but not supported by darkconv")
+        for key in ("dontload", "dontloadscales"):  # load_weights_upto would skip (part of) this layer
+            if s.int(key, 0):
+                raise s.error(f"{key}={s.str(key)} is not supported by darkconv: Darknet would leave "
+                              "these parameters at their random initialization", key)
+        built = builder(s, ctx)
+        plan.append(built)
+        ctx.shapes.append(built.shape)
+        if built.head is not None:
+            heads.append(built.head)
+    if not heads:
+        raise CfgError("the cfg has no [yolo] or [region] layer: darkconv needs a detector", file=cfg.path)
+    return plan, heads
+
+
+def free_schedule(inputs: list[tuple[int, ...]], keep: list[int]) -> list[list[int]]:
+    """For each layer, the outputs no later layer reads (forward drops them): one pass, linear in
+    the number of layers. Outputs in ``keep`` (the head inputs) are never dropped."""
+    last_use = {}
+    for i, ins in enumerate(inputs):
+        for j in ins:
+            last_use[j] = i
+    for j in keep:
+        last_use[j] = len(inputs)
+    free = [[] for _ in inputs]
+    for j in range(len(inputs)):
+        u = last_use.get(j, j)  # an output nobody reads is dropped at once
+        if u < len(inputs):
+            free[u].append(j)
+    return free
 
 
 class DarknetModel(nn.Module):
     """Darknet network as a torch module; ``forward(x) -> list`` of raw head tensors in cfg order."""
 
-    def __init__(self, cfg: Cfg, width: int | None = None, height: int | None = None):
+    def __init__(self, cfg: Cfg, width: int | None = None, height: int | None = None, *,
+                 strict: bool | None = None, limits: memory.MemoryLimits | None = None, init: bool = True):
+        """Check the cfg's keys (unknown ones warn, or fail with ``strict``), plan every layer, check the
+        memory it needs against ``limits`` (default: from the environment), then build the modules.
+        ``init=False`` leaves parameters uninitialised, for a caller that loads .weights next."""
         super().__init__()
         net = cfg.net
         w = width or net.int("width", 0)
@@ -32,39 +81,17 @@ class DarknetModel(nn.Module):
         c = net.int("channels", 0)
         if w <= 0 or h <= 0 or c <= 0:
             raise net.error("[net] needs positive width, height and channels")
+        check_keys(cfg, strict)
         self.cfg_path = cfg.path
         self.sections = cfg.layers
-        ctx = BuildContext(net, 0, [], (c, h, w))
-        modules, inputs, heads = [], [], []
-        for s in cfg.layers:
-            ctx.index = s.index
-            builder = BUILDERS.get(s.type)
-            if builder is None:
-                raise s.error(f"[{s.name}] is recognised but not supported by darkconv")
-            for key in ("dontload", "dontloadscales"):  # load_weights_upto would skip (part of) this layer
-                if s.int(key, 0):
-                    raise s.error(f"{key}={s.str(key)} is not supported by darkconv: Darknet would leave "
-                                  "these parameters at their random initialization", key)
-            built = builder(s, ctx)
-            modules.append(built.module)
-            inputs.append(built.inputs if built.inputs is not None else (s.index - 1,))
-            ctx.shapes.append(built.shape)
-            if built.head is not None:
-                heads.append(built.head)
-        if not heads:
-            raise CfgError("the cfg has no [yolo] or [region] layer: darkconv needs a detector", file=cfg.path)
-        self.layers = nn.ModuleList(modules)
-        self.inputs = inputs
-        self.shapes = list(ctx.shapes)
+        plan, heads = plan_network(cfg, (c, h, w))
+        self.memory = memory.check(cfg, plan, (c, h, w), limits)  # before any allocation
+        self.layers = nn.ModuleList([b.make(init) for b in plan])
+        self.inputs = [b.inputs if b.inputs is not None else (s.index - 1,) for s, b in zip(cfg.layers, plan)]
+        self.shapes = [b.shape for b in plan]
         self.head_layers = [hd.layer for hd in heads]
-        last_use = {}
-        for i, ins in enumerate(inputs):
-            for j in ins:
-                last_use[j] = i
-        for hl in self.head_layers:
-            last_use[hl - 1] = len(inputs)
         # which outputs to drop after each layer (frees memory on big models)
-        self._free_after = [[j for j, u in last_use.items() if u == i and j >= 0] for i in range(len(inputs))]
+        self._free_after = free_schedule(self.inputs, [hl - 1 for hl in self.head_layers])
         self.spec = ModelSpec(w, h, c, bool(net.int("letter_box", 0)), tuple(heads), (),
                               {"cfg": str(cfg.path), "darkconv": __version__})
         self.eval().requires_grad_(False)  # an inference module: outputs convert to numpy directly
@@ -89,6 +116,12 @@ class DarknetModel(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, path: str | Path) -> "DarknetModel":
+        """Fill every parameter from a Darknet .weights file (all of them: a model built with
+        ``init=False`` has no other values)."""
+        filled = {id(t) for *_, t in self.darknet_tensors()}
+        missing = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if id(t) not in filled]
+        if missing:  # pragma: no cover - a module that lists fewer tensors than it holds
+            raise RuntimeError(f"darkconv bug: tensors not in the .weights order: {missing[:3]}")
         reader = WeightsReader(path)
         for i, s, name, t in self.darknet_tensors():
             flipped = name == "weights" and getattr(self.layers[i], "flipped", False)
@@ -161,5 +194,5 @@ class DarknetModel(nn.Module):
 
 
 def build_model(cfg_path: str | Path, width: int | None = None, height: int | None = None,
-                text: str | None = None) -> DarknetModel:
-    return DarknetModel(parse_cfg(cfg_path, text), width, height)
+                text: str | None = None, *, strict: bool | None = None, init: bool = True) -> DarknetModel:
+    return DarknetModel(parse_cfg(cfg_path, text), width, height, strict=strict, init=init)

@@ -1,8 +1,11 @@
 """Layer-builder registry keyed by cfg section name.
 
 A builder is ``fn(section, ctx) -> Built``: it reads its options, checks its
-inputs, and returns a torch module plus its output shape. Adding a layer type
-is one decorated function (and one test).
+inputs, and returns its output shape, the number of floats it reads from the
+.weights file, and its torch module -- or, for modules that allocate parameters,
+a zero-argument factory, so that the whole network's memory can be checked
+before anything is allocated. Adding a layer type is one decorated function
+(and one test).
 """
 from __future__ import annotations
 
@@ -19,10 +22,17 @@ Shape = tuple[int, int, int]  # (c, h, w)
 
 @dataclass
 class Built:
-    module: torch.nn.Module
+    module: torch.nn.Module | Callable[[bool], torch.nn.Module]  # factory(init) if the module allocates
     shape: Shape
     inputs: tuple[int, ...] | None = None  # absolute layer indices fed to forward(); None = previous layer
     head: HeadSpec | None = None
+    params: int = 0     # floats this layer reads from the .weights file
+    workspace: int = 0  # floats of its largest temporary: im2col (get_workspace_size32), padded input
+    key: str | None = None  # the option that sizes the parameters (named in a memory error)
+
+    def make(self, init: bool = True) -> torch.nn.Module:
+        """The module; ``init=False`` leaves parameters uninitialised (the .weights will overwrite them)."""
+        return self.module if isinstance(self.module, torch.nn.Module) else self.module(init)
 
 
 @dataclass

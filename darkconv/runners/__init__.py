@@ -16,6 +16,7 @@ BACKENDS = {
     "onnxruntime": ("darkconv.runners.onnxruntime", "OnnxRuntimeRunner"),
     "tensorrt": ("darkconv.runners.tensorrt", "TensorRTRunner"),
     "opencv": ("darkconv.runners.opencv", "OpenCVRunner"),
+    "triton": ("darkconv.runners.triton", "TritonRunner"),
 }
 ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "pytorch": "torch", "cv2": "opencv"}
 

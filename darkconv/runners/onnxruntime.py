@@ -32,9 +32,11 @@ def int8_warning(path) -> str | None:
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, onnx_path, *, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, onnx_path, *, threads: int | None = None, providers: list[str] | None = None,
+                 session_config: dict | None = None):
         self.path = str(onnx_path)
         self.threads, self.providers = threads, providers
+        self.session_config = dict(session_config or {})  # SessionOptions config entries, e.g. spinning off
         from ..export.onnx import read_spec
 
         self.spec = read_spec(self.path)
@@ -53,6 +55,8 @@ class OnnxRuntimeRunner(Runner):
         so.intra_op_num_threads = int(self.threads or os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        for k, v in self.session_config.items():
+            so.add_session_config_entry(k, str(v))
         available = ort.get_available_providers()
         # GPU providers when this onnxruntime build has them (onnxruntime-gpu), CPU otherwise
         providers = self.providers or [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider",
