@@ -42,6 +42,11 @@ class HeadSpec:
     def channels(self) -> int:
         return self.num_anchors * (5 + self.classes)
 
+    @property
+    def name(self) -> str:
+        """The head's tensor name in every artifact (ONNX output, engine tensor, Triton output)."""
+        return f"head_{self.layer}"
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -67,6 +72,11 @@ class ModelSpec:
     @property
     def beta_nms(self) -> float:
         return self.heads[-1].beta_nms if self.heads else 0.6
+
+    @property
+    def head_names(self) -> list[str]:
+        """Output tensor names, one per head in cfg order: ``head_<darknet layer index>``."""
+        return [h.name for h in self.heads]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,8 +30,8 @@ PROTOBUF_LIMIT = 2**31 - 2**24  # bytes of inline weights an ONNX protobuf can h
 
 
 def head_names(spec: ModelSpec) -> list[str]:
-    """Stable output names: ``head_<darknet layer index>``, in cfg order."""
-    return [f"head_{h.layer}" for h in spec.heads]
+    """Stable output names: ``head_<darknet layer index>``, in cfg order (:attr:`HeadSpec.name`)."""
+    return spec.head_names
 
 
 def to_onnx_model(model, *, batch: str | int = "dynamic", opset: int = DEFAULT_OPSET,
@@ -135,7 +135,13 @@ def read_spec(proto_or_path) -> ModelSpec:
     if len(outputs) != len(spec.heads):
         raise ExportError(f"the {SPEC_KEY} metadata describes {len(spec.heads)} heads but the graph has "
                           f"{len(outputs)} outputs: re-export it with `darkconv convert`", file=where)
-    for out, h in zip(outputs, spec.heads):  # static dims must agree with the spec (0 = symbolic)
+    by_name = {o.name: o for o in outputs}
+    missing = [h.name for h in spec.heads if h.name not in by_name]
+    if missing:
+        raise ExportError(f"the graph's outputs are {list(by_name)} but the {SPEC_KEY} metadata needs "
+                          f"{spec.head_names} (missing {missing}): re-export it with `darkconv convert`", file=where)
+    for h in spec.heads:  # static dims must agree with the spec (0 = symbolic); outputs matched by name
+        out = by_name[h.name]
         dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
         want = [0, h.channels, *h.grid]
         if len(dims) == 4 and any(d and w and d != w for d, w in zip(dims, want)):

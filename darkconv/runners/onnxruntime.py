@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from ..errors import BackendUnavailable, DarkconvError
-from .base import Runner
+from .base import Runner, outputs_by_name
 
 
 _WARNED: set[str] = set()
@@ -65,7 +65,8 @@ class OnnxRuntimeRunner(Runner):
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_names = outputs_by_name(self.spec, [o.name for o in self.session.get_outputs()], where=self.path,
+                                            hint="re-export it with `darkconv convert`")
 
     def deactivate(self):
         self.session = None
