@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .darknet.weights import atomic_write
+from .io import atomic_write, sha256_file
 from .errors import DarkconvError, ExportError
 from .pipeline import DATA
 
@@ -305,13 +305,6 @@ def environment(threads: int | None = None) -> dict:
             "tensorrt": tensorrt_version(),
         },
     }
-
-
-def sha256_file(path) -> str | None:
-    if path is None:
-        return None
-    from .zoo import sha256
-    return sha256(Path(path))
 
 
 # -- preparing a model on a backend --------------------------------------------------------

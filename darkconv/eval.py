@@ -216,13 +216,13 @@ def _open(model, weights, backend, precision, *, threads, width, height, calib, 
 
 
 def _model_info(model, weights, backend, precision, runner) -> dict:
-    from .bench import sha256_file
+    from .io import sha256_file
     from .pipeline import model_kind
 
     spec = runner.spec
     kind = model_kind(model)
     return {"path": str(model), "kind": "served" if backend == "triton" else kind,
-            "sha256": sha256_file(model) if Path(model).is_file() else None,
+            "sha256": sha256_file(model),
             "weights": str(weights) if weights else None, "weights_sha256": sha256_file(weights),
             "backend": backend, "precision": precision, "runs_on": runner.describe(),
             "input": [spec.width, spec.height], "classes": spec.classes, "letter_box": bool(spec.letter_box),
@@ -454,7 +454,7 @@ def format_summary(result: EvalResult) -> str:
 def write_json(result: EvalResult, path) -> Path:
     import json
 
-    from .darknet.weights import atomic_write
+    from .io import atomic_write
 
     path = Path(path)
     atomic_write(path, [(json.dumps(result.as_dict(), indent=1) + "\n").encode()])
@@ -470,7 +470,7 @@ def plot(result: EvalResult, path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .darknet.weights import atomic_write
+    from .io import atomic_write
 
     mp = result.map
     with_gt = sorted((c for c in mp.classes if c.truths > 0), key=lambda c: (-c.ap, c.class_id))

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import __version__
 from ..darknet.spec import ModelSpec
-from ..darknet.weights import atomic_write
+from ..io import atomic_write
 from ..errors import ExportError
 
 INPUT_NAME = "images"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..darknet.spec import ModelSpec
-from ..darknet.weights import atomic_write
+from ..io import atomic_write
 from ..errors import DarkconvError, ExportError
 from ..triton_models import DETECTION_OUTPUTS, IMAGE, IMAGE_SIZE, SPEC_PARAM, TENSOR_INPUT
 
