@@ -328,7 +328,8 @@ def write_config(path, cfg) -> None:
 
 def _source_onnx(model, weights, work: Path, precision: str, calib, names, log) -> tuple[Path, ModelSpec]:
     from ..pipeline import model_kind, resolve_names
-    from .onnx import export_onnx, read_spec
+    from ..onnx_meta import read_spec
+    from .onnx import export_onnx
 
     kind = model_kind(model)
     if kind == "onnx":

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..darknet.spec import ModelSpec
+from ..darknet.spec import SPEC_KEY, ModelSpec
 from ..errors import BackendUnavailable, DarkconvError, InferenceError
 from .base import Runner, outputs_by_name
 
-SPEC_PARAM = "darkconv.spec"
+SPEC_PARAM = SPEC_KEY
 INPUT = "images"
 
 
