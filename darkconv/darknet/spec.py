@@ -113,6 +113,15 @@ class ModelSpec:
                          self.names, dict(self.source))
 
 
+def spec_from_cfg(cfg, width: int | None = None, height: int | None = None) -> ModelSpec:
+    """The spec of a cfg (a path or a parsed :class:`~darkconv.darknet.cfg.Cfg`), without torch:
+    :func:`darkconv.darknet.shapes.model_spec`."""
+    from .cfg import Cfg, parse_cfg
+    from .shapes import model_spec
+
+    return model_spec(cfg if isinstance(cfg, Cfg) else parse_cfg(cfg), width, height)
+
+
 def spec_from_json(text: str, where: str | None = None) -> ModelSpec:
     """A ModelSpec from its stored JSON, checked so that the postprocessor can use it as it is: a
     damaged or hand-edited spec is a one-line :class:`ExportError`, never a KeyError or IndexError later."""
