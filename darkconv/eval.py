@@ -176,17 +176,9 @@ def parse_ref(ref) -> tuple[str, str]:
     return canonical(backend), precision
 
 
-def _artifact_precision(model, kind) -> str:
-    if kind == "onnx":
-        from .bench import _onnx_precision
-        return _onnx_precision(model)
-    from .export.tensorrt import read_sidecar
-    return str(read_sidecar(model).get("precision", "fp32"))
-
-
 def _open(model, weights, backend, precision, *, threads, width, height, calib, workdir, log, url=None):
     """A runner for ``model`` on ``backend`` at ``precision`` (through ``pipeline.open_runner``) and what runs."""
-    from .pipeline import default_backend, model_kind, open_runner
+    from .pipeline import artifact_precision, default_backend, model_kind, open_runner
     from .runners import canonical
 
     backend = canonical(backend or ("triton" if url else default_backend(model)))
@@ -205,7 +197,7 @@ def _open(model, weights, backend, precision, *, threads, width, height, calib, 
     else:
         if width or height:
             raise DarkconvError(f"an {kind} has a fixed input size: --size only applies to a cfg", file=str(model))
-        actual = _artifact_precision(model, kind)
+        actual = artifact_precision(model)
         if precision and precision != actual:
             raise DarkconvError(f"this {kind} is {actual}, not {precision}: convert again for another precision",
                                 file=str(model))

@@ -27,6 +27,12 @@ def read_metadata(proto_or_path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+def onnx_precision(path) -> str:
+    """fp32, fp16 or int8: what a darkconv ONNX computes in (its ``darkconv.precision`` metadata)."""
+    p = read_metadata(path).get("darkconv.precision", "fp32")
+    return "int8" if p.startswith("int8") else p
+
+
 def read_spec(proto_or_path) -> ModelSpec:
     """The ModelSpec stored in an ONNX file by darkconv (ModelMismatch-style error if absent)."""
     proto = proto_or_path if isinstance(proto_or_path, onnx.ModelProto) else load_proto(proto_or_path)

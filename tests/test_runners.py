@@ -103,3 +103,30 @@ def test_triton_runner_reads_outputs_by_name(small_model, monkeypatch):
     config["output"] = [{"name": "head_16"}]
     with pytest.raises(ModelMismatch, match=r"missing \['head_23'\]"):
         tr.TritonRunner("m", "localhost:8000")
+
+
+# -- pipeline.open_runner: the one way to open a model (bench's options included) -----------------
+def test_open_runner_report_random_weights_and_refusals(tmp_path):
+    from darkconv.pipeline import RANDOM_WEIGHTS, open_runner
+
+    x = np.random.default_rng(1).random((1, 3, 64, 64), dtype=np.float32)
+    report: dict = {}
+    r = open_runner(CFG, None, "onnxruntime", width=64, height=64, threads=1, workdir=str(tmp_path),
+                    random_weights=True, report=report)
+    assert report["precision"] == "fp32" and report["notes"] == [RANDOM_WEIGHTS]
+    assert report["model_load_s"] >= 0 and report["export_s"] > 0
+    with r:
+        a = r.infer(x)
+    with open_runner(CFG, None, "torch", width=64, height=64, random_weights=True) as t:
+        b = t.infer(x)
+    for u, v in zip(a, b):  # the same deterministic random weights on both backends
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4)
+    onnx_path = next(tmp_path.glob("*.onnx"))
+    with pytest.raises(DarkconvError, match="takes 64x64 input: --size only applies to a cfg"):
+        open_runner(onnx_path, width=128, height=128)
+    with pytest.raises(DarkconvError, match="the tensorrt backend runs engines"):
+        open_runner(CFG, None, "tensorrt")
+    with pytest.raises(DarkconvError, match="the torch backend has no INT8"):
+        open_runner(CFG, None, "torch", precision="int8")
+    with pytest.raises(DarkconvError, match="INT8 needs calibration images"):
+        open_runner(CFG, None, "onnxruntime", precision="int8")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..darknet.spec import ModelSpec
 from ..io import atomic_write
+from ..onnx_meta import onnx_precision
 from ..errors import DarkconvError, ExportError
 from ..triton_models import DETECTION_OUTPUTS, IMAGE, IMAGE_SIZE, SPEC_PARAM, TENSOR_INPUT
 
@@ -333,8 +334,8 @@ def _source_onnx(model, weights, work: Path, precision: str, calib, names, log) 
 
     kind = model_kind(model)
     if kind == "onnx":
-        if precision != "fp32" and precision != _onnx_precision(model):
-            raise ExportError(f"this ONNX is {_onnx_precision(model)}: --precision applies to a cfg",
+        if precision != "fp32" and precision != onnx_precision(model):
+            raise ExportError(f"this ONNX is {onnx_precision(model)}: --precision applies to a cfg",
                               file=str(model))
         return Path(model), read_spec(model)
     if kind != "cfg":
@@ -353,11 +354,6 @@ def _source_onnx(model, weights, work: Path, precision: str, calib, names, log) 
     export_onnx(m, out, precision=precision, spec=spec, calib_images=calib)
     return out, spec
 
-
-def _onnx_precision(path) -> str:
-    from ..bench import _onnx_precision as p
-
-    return p(path)
 
 
 def export_triton(model, repo, *, weights=None, name: str | None = None, platform: str = "python",
@@ -402,7 +398,7 @@ def export_triton(model, repo, *, weights=None, name: str | None = None, platfor
         else:
             onnx_path, spec = _source_onnx(model, weights, work, precision, calib, names, log)
         actual = side.get("precision", precision) if is_engine else \
-            (_onnx_precision(onnx_path) if model_kind(model) == "onnx" else precision)
+            (onnx_precision(onnx_path) if model_kind(model) == "onnx" else precision)
         spec = dataclasses.replace(spec, source={**spec.source, "precision": actual})
         input_dims, head_dims = None, None
         if onnx_path is not None:
