@@ -216,6 +216,8 @@ def tensor_layout(cfg: Cfg, input_shape: Shape | None = None) -> list[tuple[int,
     for s in cfg.layers:
         i, t = s.index, s.type
         c = (input_shape if i == 0 else shapes[i - 1])[0]
+        if t == "convolutional" and s.has("share_index"):
+            continue  # computes with an earlier conv's tensors: nothing of its own in the file
         if t == "convolutional":
             n, size, groups = shapes[i][0], s.int("size", 1), s.int("groups", 1)
             bn = bool(s.int("batch_normalize", 0) or s.int("cbn", 0))
