@@ -216,8 +216,9 @@ def tensor_layout(cfg: Cfg, input_shape: Shape | None = None) -> list[tuple[int,
     for s in cfg.layers:
         i, t = s.index, s.type
         c = (input_shape if i == 0 else shapes[i - 1])[0]
-        if t == "convolutional" and s.has("share_index"):
+        if t == "convolutional" and s.has("share_index") and s.int("share_index") != -1000000000:
             continue  # computes with an earlier conv's tensors: nothing of its own in the file
+            # (-1000000000 is parse_convolutional's default: no sharing)
         if t == "convolutional":
             n, size, groups = shapes[i][0], s.int("size", 1), s.int("groups", 1)
             bn = bool(s.int("batch_normalize", 0) or s.int("cbn", 0))
