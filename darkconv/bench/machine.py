@@ -7,7 +7,6 @@ import platform
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -24,20 +23,10 @@ def _dist_version(*names) -> str | None:
 
 
 def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    """The CPU's model name (:func:`darkconv.cpu.cpu_info`, else what the platform module says)."""
+    from ..cpu import cpu_info
+
+    return cpu_info().model or platform.processor() or platform.machine() or "unknown"
 
 
 CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
@@ -45,15 +34,11 @@ CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnn
 
 
 def cpu_features() -> list[str]:
-    """The SIMD features that decide FP32 / FP16 / INT8 speed (x86: /proc/cpuinfo flags)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in CPU_FEATURES if f in have]
-    except OSError:
-        pass
-    return []
+    """The SIMD features that decide FP32 / FP16 / INT8 speed (the flags :func:`darkconv.cpu.cpu_info` read)."""
+    from ..cpu import cpu_info
+
+    flags = cpu_info().flags
+    return [f for f in CPU_FEATURES if f in flags]
 
 
 def gpu_name() -> str | None:
