@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .darknet.spec import SPEC_KEY, ModelSpec
+from .darknet.spec import INPUT_NAME, SPEC_KEY, ModelSpec
 
 SPEC_PARAM = SPEC_KEY  # the spec travels under the same key as in ONNX metadata
 IMAGE = "IMAGE"
 IMAGE_SIZE = "IMAGE_SIZE"
-TENSOR_INPUT = "images"
+TENSOR_INPUT = INPUT_NAME
 DETECTION_OUTPUTS = ("BOXES", "SCORES", "CLASS_IDS", "BOX_IDS", "OBJECTNESS", "NUM_DETECTIONS")
 
 

@@ -14,6 +14,8 @@ from ..errors import ExportError
 
 #: the key the spec's JSON is stored under: ONNX ``metadata_props``, Triton model config parameters
 SPEC_KEY = "darkconv.spec"
+#: the network input tensor of every artifact (ONNX, engine, served model): float32 (N, C, H, W)
+INPUT_NAME = "images"
 
 #: Darknet's NMS kinds (``nms_kind`` in [yolo]/[region]; src/parser.c)
 NMS_KINDS = ("default", "greedynms", "diounms", "cornersnms")

@@ -18,11 +18,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import __version__
-from ..darknet.spec import SPEC_KEY, ModelSpec
+from ..darknet.spec import INPUT_NAME, SPEC_KEY, ModelSpec
 from ..io import atomic_write
 from ..errors import ExportError
 
-INPUT_NAME = "images"
 DEFAULT_OPSET = 18
 PROTOBUF_LIMIT = 2**31 - 2**24  # bytes of inline weights an ONNX protobuf can hold (with room for the graph)
 

@@ -23,13 +23,12 @@ import json
 from pathlib import Path
 
 from .. import __version__
-from ..darknet.spec import ModelSpec
+from ..darknet.spec import INPUT_NAME, ModelSpec
 from ..io import atomic_write, sha256_file
 from ..errors import BackendUnavailable, DarkconvError, ExportError, ModelMismatch
 
 INSTALL_HINT = "pip install 'darkconv[trt]' (needs an NVIDIA GPU and driver)"
 REBUILD_HINT = "rebuild with darkconv convert --engine"
-INPUT_NAME = "images"
 PRECISIONS = ("fp32", "fp16", "int8")
 SIDECAR_SUFFIX = ".json"
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..darknet.spec import SPEC_KEY, ModelSpec
+from ..darknet.spec import INPUT_NAME, SPEC_KEY, ModelSpec
 from ..errors import BackendUnavailable, DarkconvError, InferenceError
 from .base import Runner, outputs_by_name
 
 SPEC_PARAM = SPEC_KEY
-INPUT = "images"
+INPUT = INPUT_NAME
 
 
 def parse_urls(urls) -> list[tuple[str, str]]:
