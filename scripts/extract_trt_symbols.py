@@ -35,7 +35,7 @@ TRT_VERSIONS = ("10.0.1", "10.13.3.9", "11.4.0.106")
 CUDA_BINDINGS_VERSIONS = ("12.9.10", "13.5.0")
 
 # classes whose members are recorded (what darkconv's builder/runner call, plus their neighbours)
-TRT_CLASSES = ("Logger", "ILogger", "Builder", "IBuilderConfig", "INetworkDefinition", "OnnxParser", "IParserError",
+TRT_CLASSES = ("Logger", "ILogger", "Builder", "IBuilderConfig", "INetworkDefinition", "OnnxParser", "ParserError",
                "IOptimizationProfile", "ITimingCache", "IHostMemory", "Runtime", "ICudaEngine", "IExecutionContext",
                "ITensor", "IInt8EntropyCalibrator2")
 CUDA_ENUMS = ("cudaMemcpyKind", "cudaError_t", "cudaStreamCaptureStatus")
