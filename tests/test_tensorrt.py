@@ -644,8 +644,10 @@ def test_cuda_names_exist_in_real_cuda_bindings(version):
     assert {"cudaMemcpyHostToDevice", "cudaMemcpyDeviceToHost"} <= set(real["enums"]["cudaMemcpyKind"])
 
 
+@pytest.mark.slow
 def test_mutations_are_caught():
-    """scripts/trt_mutations.py: each seeded bug in the runner/builder makes a TensorRT test fail."""
+    """scripts/trt_mutations.py: each seeded bug in the runner/builder makes a TensorRT test fail
+    (about 40 s: 16 mutations, one in-process pytest run each)."""
     import subprocess
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "trt_mutations.py"), "--quiet"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)

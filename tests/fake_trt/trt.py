@@ -19,6 +19,8 @@ Contract enforced (what a real TensorRT + CUDA runtime enforces, or stricter so 
 - ``execute_async_v3`` fails (returns False, logs the error like TensorRT) unless every dynamic input
   shape was set (within the profile) and every I/O tensor has an address; the addresses and shapes
   are captured at enqueue time;
+- precision builder flags (FP16/INT8/...; they exist on 10.x only) with a strongly typed network
+  make the build fail;
 - ``deserialize_cuda_engine`` returns None for bytes built by another (fake) TensorRT version.
 """
 from __future__ import annotations
@@ -220,7 +222,12 @@ def make_tensorrt(version: str, cudart, *, gpu_ok: bool = True):
     @strict("IBuilderConfig")
     class IBuilderConfig:
         def __init__(self):
-            self._pools, self._profiles, self._cache = {}, [], None
+            self._pools, self._profiles, self._cache, self._flags = {}, [], None, set()
+
+        def set_flag(self, flag):
+            assert isinstance(flag, enums["BuilderFlag"]), f"set_flag: {flag!r} is not a BuilderFlag"
+            log.append(("set_flag", flag.name))
+            self._flags.add(flag.name)
 
         def set_memory_pool_limit(self, pool, pool_size):
             assert isinstance(pool, MemoryPoolType), f"set_memory_pool_limit: {pool!r} is not a MemoryPoolType"
@@ -297,6 +304,12 @@ def make_tensorrt(version: str, cudart, *, gpu_ok: bool = True):
                     if len(s) != len(t.shape) or any(d != -1 and d != v for d, v in zip(t.shape, s)):
                         error(f"profile shape {list(s)} of {t.name} does not match the network's {list(t.shape)}")
                         return None
+            precision = config._flags & {"FP16", "INT8", "BF16", "FP8", "INT4", "FP4"}
+            if network._strongly_typed and precision:
+                # "Use explicit quantization with Strong Typing. Precision-control build flags are not
+                # required and should not be specified." (TensorRT docs, Explicit Quantization)
+                error(f"precision flags {sorted(precision)} are not allowed with a strongly typed network")
+                return None
             desc = {"version": version, "strongly_typed": network._strongly_typed,
                     "profile": {k: [list(x) for x in v] for k, v in (prof._shapes.items() if prof else ())},
                     "inputs": [[t.name, list(t.shape), t.dtype.name] for t in network._inputs],
