@@ -357,7 +357,7 @@ def sample_images(paths=None) -> list[Path]:
 
 def prepare(model, weights=None, backend: str | None = None, *, precision: str | None = None,
             width: int | None = None, height: int | None = None, threads: int | None = None,
-            calib=None, max_batch: int = 1, log=None, url=None) -> Prepared:
+            calib=None, max_batch: int = 1, log=None, url=None, device: str | None = None) -> Prepared:
     """Load ``model`` (cfg [+ weights], .onnx or engine) for ``backend``, timing each step.
 
     A cfg without weights gets deterministic random weights (speed only). A cfg on
@@ -390,7 +390,7 @@ def prepare(model, weights=None, backend: str | None = None, *, precision: str |
     prep = Prepared(None, backend, "fp32", precision, info, load, notes)
     try:
         if kind == "cfg":
-            _prepare_cfg(prep, model, weights, width, height, threads, calib, max_batch, log)
+            _prepare_cfg(prep, model, weights, width, height, threads, calib, max_batch, log, device)
         else:
             _prepare_artifact(prep, model, kind, width, height, threads)
     except BaseException:
@@ -424,7 +424,8 @@ def _describe_spec(info: dict, spec) -> None:
                     letter_box=bool(spec.letter_box))
 
 
-def _prepare_cfg(prep: Prepared, cfg, weights, width, height, threads, calib, max_batch, log) -> None:
+def _prepare_cfg(prep: Prepared, cfg, weights, width, height, threads, calib, max_batch, log,
+                 device=None) -> None:
     import darkconv
     from .runners import runner_class
 
@@ -457,11 +458,13 @@ def _prepare_cfg(prep: Prepared, cfg, weights, width, height, threads, calib, ma
         if precision == "int8":
             raise DarkconvError("the torch backend has no INT8: bench the Q/DQ ONNX with --backend onnxruntime "
                                 "(or a TensorRT engine)")
-        if precision == "fp16" and not torch.cuda.is_available():
+        from .runners.torch import resolve_device
+        on = resolve_device(device, torch)
+        if precision == "fp16" and on == "cpu":
             run = "fp32"
             notes.append("torch on CPU runs FP32 (no fast FP16 kernels on CPU): --precision fp16 ignored")
         prep.precision = run
-        prep.runner = runner_class("torch")(None, model=model, threads=threads, precision=run)
+        prep.runner = runner_class("torch")(None, model=model, threads=threads, precision=run, device=on)
         return
     workdir = prep.workdir = tempfile.TemporaryDirectory(prefix="darkconv-bench-")
     from .export.onnx import export_onnx

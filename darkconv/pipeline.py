@@ -66,18 +66,22 @@ def resolve_names(spec: ModelSpec, names_path=None) -> tuple[str, ...]:
 
 def open_runner(model, weights=None, backend: str | None = None, *, threads: int | None = None,
                 width: int | None = None, height: int | None = None, precision: str = "fp32",
-                calib=None, workdir: str | None = None, log=None, url=None):
+                calib=None, workdir: str | None = None, log=None, url=None, device: str | None = None):
     """A (not yet activated) runner for ``model`` on ``backend``.
 
     ``backend="triton"`` (implied by ``url``): ``model`` names the served model (a cfg/onnx stands
     for its stem, a repository folder for its one darkconv network) on the Triton server(s) at
     ``url`` (``HOST:PORT[,HOST:PORT...]``).
 
+    ``device`` (torch backend only): cpu, cuda or cuda:N (default: cuda when PyTorch sees a GPU).
+
     A cfg on onnxruntime is exported to a temporary ONNX first (in ``workdir``), so that
     the same cfg + weights can be compared across backends; INT8 is calibrated on ``calib``
     with the recipe chosen for this CPU (``export.quantize.choose_recipe``).
     """
     backend = canonical(backend or ("triton" if url else default_backend(model)))
+    if device is not None and backend != "torch":
+        raise DarkconvError(f"--device applies to the torch backend, not {backend}")
     if backend == "triton":
         from .runners.triton import served_name
 
@@ -89,7 +93,8 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
     kind = model_kind(model)
     if kind == "cfg":
         if backend == "torch":
-            return runner_class("torch")(model, weights, width=width, height=height, threads=threads)
+            return runner_class("torch")(model, weights, width=width, height=height, threads=threads,
+                                         device=device)
         if backend == "opencv":
             if weights is None:
                 raise DarkconvError("the opencv backend needs the .weights file")
