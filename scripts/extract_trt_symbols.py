@@ -9,7 +9,8 @@ libnvinfer_plugin, yet only needs ten factory functions from them at load time
 This script compiles tiny stand-in libraries with those sonames that export those
 functions (returning NULL, never called while importing), imports the real module,
 and records what it declares: every top-level name, the members of the classes
-darkconv touches, and every enum's names and integer values, exactly as the real
+darkconv touches, and every enum's names and integer values, the pybind11 signatures of the methods darkconv
+calls (parameter names and types, from their docstrings), exactly as the real
 bindings define them. Nothing here is typed in by hand.
 
 cuda-python's ``cuda-bindings`` wheels import without a GPU; their runtime module's
@@ -38,6 +39,21 @@ CUDA_BINDINGS_VERSIONS = ("12.9.10", "13.5.0")
 TRT_CLASSES = ("Logger", "ILogger", "Builder", "IBuilderConfig", "INetworkDefinition", "OnnxParser", "ParserError",
                "IOptimizationProfile", "ITimingCache", "IHostMemory", "Runtime", "ICudaEngine", "IExecutionContext",
                "ITensor", "IInt8EntropyCalibrator2")
+# pybind11 signatures (first docstring lines) recorded for these members: what darkconv and the fake call
+SIGNATURES = {
+    "Logger": ["__init__"], "Builder": ["__init__", "create_network", "create_builder_config",
+                                        "create_optimization_profile", "build_serialized_network"],
+    "IBuilderConfig": ["set_memory_pool_limit", "add_optimization_profile", "create_timing_cache", "set_timing_cache",
+                       "get_timing_cache", "set_flag"],
+    "IOptimizationProfile": ["set_shape", "get_shape"], "ITimingCache": ["serialize"],
+    "OnnxParser": ["__init__", "parse_from_file", "parse", "get_error"], "ParserError": ["desc", "node_name",
+                                                                                       "node_operator"],
+    "INetworkDefinition": ["get_input", "get_output"], "Runtime": ["__init__", "deserialize_cuda_engine"],
+    "ICudaEngine": ["get_tensor_name", "get_tensor_mode", "get_tensor_dtype", "get_tensor_shape",
+                    "get_tensor_profile_shape", "create_execution_context"],
+    "IExecutionContext": ["set_input_shape", "get_tensor_shape", "set_tensor_address", "get_tensor_address",
+                          "execute_async_v3"],
+}
 CUDA_ENUMS = ("cudaMemcpyKind", "cudaError_t", "cudaStreamCaptureStatus")
 
 STUBS = {
@@ -56,9 +72,10 @@ STUBS = {
 }
 
 DUMP_TRT = r"""
-import enum, inspect, json, sys
+import enum, inspect, json, re, sys
 import tensorrt_bindings as t
 classes = sys.argv[1].split(",")
+sigs = json.loads(sys.argv[2])
 def is_enum(o):
     return inspect.isclass(o) and hasattr(o, "__members__") and all(hasattr(v, "value") or isinstance(v, int)
                                                                        for v in o.__members__.values())
@@ -71,6 +88,12 @@ for n in out["module"]:
 for n in classes:
     if hasattr(t, n):
         out["classes"][n] = sorted(m for m in dir(getattr(t, n)) if not m.startswith("_"))
+def signatures(fn):
+    lines = [ln.strip() for ln in (getattr(fn, "__doc__", "") or "").splitlines()]
+    found = [re.sub(r"^\d+\. ", "", ln) for ln in lines if re.match(r"^(\d+\. )?\w+\(self", ln)]
+    return [re.sub(r"tensorrt_bindings\.tensorrt\.|typing\.|typing_extensions\.", "", f) for f in found]
+out["signatures"] = {f"{c}.{m}": signatures(getattr(getattr(t, c), m))
+                     for c, ms in sigs.items() if hasattr(t, c) for m in ms if hasattr(getattr(t, c), m)}
 # nested enums darkconv uses (Logger.Severity is exposed as Logger.WARNING etc.)
 out["enums"]["Logger.Severity"] = {k: int(getattr(t.Logger, k)) for k in ("INTERNAL_ERROR", "ERROR", "WARNING",
                                                                           "INFO", "VERBOSE")}
@@ -127,7 +150,8 @@ def extract_trt(version: str, tmp: Path) -> dict:
         z.extractall(root)
     stubs = build_stubs(version.split(".")[0], tmp)
     env = dict(os.environ, LD_LIBRARY_PATH=str(stubs), PYTHONPATH=str(root))
-    res = subprocess.run([sys.executable, "-c", DUMP_TRT, ",".join(TRT_CLASSES)], env=env, cwd=root,
+    res = subprocess.run([sys.executable, "-c", DUMP_TRT, ",".join(TRT_CLASSES), json.dumps(SIGNATURES)], env=env,
+                         cwd=root,
                          capture_output=True, text=True, check=True)
     d = json.loads(res.stdout)
     d["wheel"] = {"file": whl.name, "sha256": sha256(whl)}

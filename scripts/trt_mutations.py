@@ -73,6 +73,8 @@ MUTATIONS = [
      "flags |= 1 << int(strongly_typed)", "flags |= int(strongly_typed)"),
     ("no STRONGLY_TYPED flag", EXPORT,
      "    if strongly_typed is not None:  # 10.x", "    if False:  # 10.x"),
+    ("set_timing_cache called with a keyword the bindings do not have", EXPORT,
+     "config.set_timing_cache(cache, ignore_mismatch=False)", "config.set_timing_cache(cache, ignore=False)"),
     ("FP16 builder flag set (removed in 11)", EXPORT,
      "    config = builder.create_builder_config()\n",
      "    config = builder.create_builder_config()\n    config.set_flag(trt.BuilderFlag.FP16)\n"),

@@ -634,6 +634,44 @@ def test_tensorrt_names_exist_in_real_bindings(version):
     assert ("IExecutionContext", "execute_async_v3", "class") in members
 
 
+def _params(sig: str) -> list[str]:
+    """'f(self: X, name: str, shape: tuple) -> bool' -> ['name', 'shape']."""
+    import re
+    inner = sig[sig.index("(") + 1: sig.rindex(") ->")]
+    return [n for n in re.findall(r"(?:^|, )(\w+):", inner) if n != "self"]
+
+
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_signatures_match_real_bindings(version):
+    """The fake's methods take the real parameters (names, in order), and every keyword argument
+    darkconv passes is a real parameter name (a wrong one is a TypeError on real TensorRT)."""
+    import inspect
+    real = symbols.trt(version)["signatures"]
+    trt = make_tensorrt(version, FakeCudart())
+    checked = 0
+    for key, sigs in real.items():
+        cls_name, meth = key.split(".")
+        cls = getattr(trt, cls_name, None)
+        if cls is None or not hasattr(cls, meth):
+            continue
+        fake_params = [p for p in inspect.signature(getattr(cls, meth)).parameters if p != "self"]
+        assert any(fake_params == _params(s) for s in sigs), f"fake {key}{fake_params} vs real {sigs}"
+        checked += 1
+    assert checked >= 25
+    for mod in TRT_MODULES:
+        for node in ast.walk(ast.parse((ROOT / mod).read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                recv = ast.unparse(node.func.value)
+                cls_name = RECEIVERS[_kind(mod)].get(recv) or (recv[4:] if recv.startswith("trt.") else None)
+                key = f"{cls_name}.{node.func.attr}" if cls_name else None
+                if recv == "trt":  # a constructor: trt.Builder(logger)
+                    key = f"{node.func.attr}.__init__"
+                if key in real:
+                    params = [_params(s) for s in real[key]]
+                    assert any(len(node.args) <= len(p) and all(k.arg in p for k in node.keywords)
+                               for p in params), f"{mod}: {ast.unparse(node)} does not fit {real[key]}"
+
+
 @pytest.mark.parametrize("version", symbols.CUDA_VERSIONS)
 def test_cuda_names_exist_in_real_cuda_bindings(version):
     real = symbols.cuda(version)
@@ -647,7 +685,7 @@ def test_cuda_names_exist_in_real_cuda_bindings(version):
 @pytest.mark.slow
 def test_mutations_are_caught():
     """scripts/trt_mutations.py: each seeded bug in the runner/builder makes a TensorRT test fail
-    (about 40 s: 16 mutations, one in-process pytest run each)."""
+    (about 40-60 s: one in-process pytest run per mutation)."""
     import subprocess
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "trt_mutations.py"), "--quiet"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)

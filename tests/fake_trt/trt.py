@@ -127,11 +127,11 @@ def make_tensorrt(version: str, cudart, *, gpu_ok: bool = True):
         num_inputs = property(lambda self: len(self._inputs))
         num_outputs = property(lambda self: len(self._outputs))
 
-        def get_input(self, i):
-            return self._inputs[i]
+        def get_input(self, index):
+            return self._inputs[index]
 
-        def get_output(self, i):
-            return self._outputs[i]
+        def get_output(self, index):
+            return self._outputs[index]
 
     @strict("ParserError")
     class ParserError:
@@ -164,13 +164,13 @@ def make_tensorrt(version: str, cudart, *, gpu_ok: bool = True):
 
         num_errors = property(lambda self: len(self._errors))
 
-        def get_error(self, i):
-            return self._errors[i]
+        def get_error(self, index):
+            return self._errors[index]
 
-        def parse_from_file(self, path):
-            log.append(("parse_from_file", str(path)))
+        def parse_from_file(self, model):
+            log.append(("parse_from_file", str(model)))
             try:
-                model = onnx.load(str(path))
+                model = onnx.load(str(model))
             except Exception as e:  # noqa: BLE001
                 self._errors = [ParserError("", "", f"failed to parse ONNX model: {e}")]
                 return False
@@ -362,7 +362,7 @@ def make_tensorrt(version: str, cudart, *, gpu_ok: bool = True):
             assert profile_index == 0 and name in self._desc["profile"], (name, profile_index)
             return [tuple(s) for s in self._desc["profile"][name]]
 
-        def create_execution_context(self):
+        def create_execution_context(self, strategy=None):
             ctx = IExecutionContext(self)
             state.contexts.append(ctx)
             return ctx
@@ -373,6 +373,8 @@ def make_tensorrt(version: str, cudart, *, gpu_ok: bool = True):
             self._engine, self._shapes, self._addr = engine, {}, {}
 
         def set_input_shape(self, name, shape):
+            # the real overloads take a tuple, a list or Dims
+            assert isinstance(shape, (tuple, list)), f"set_input_shape: shape must be a tuple/list, got {shape!r}"
             shape = tuple(int(d) for d in shape)
             log.append(("set_input_shape", name, shape))
             e = self._engine
