@@ -549,6 +549,36 @@ def test_runner_missing_head_output_and_cleanup_on_failure(fake, tmp_path):
         r.infer(np.zeros((1, 3, 32, 64), np.float32))
 
 
+@pytest.mark.slow
+def test_darkconv_exports_through_fake_tensorrt(fake, tmp_path):
+    """darkconv's own FP16 and TensorRT-flavoured INT8 exports pass the fake parser's Q/DQ rules (written
+    from NVIDIA's docs, independent of export/quantize.py), build, and run through the runner with
+    ONNX Runtime's numbers; the ONNX Runtime-flavoured INT8 (U8S8, INT32 bias) is what the parser refuses."""
+    import darkconv
+    from darkconv.export.onnx import export_onnx
+    from fake_trt.onnx_rules import parser_errors
+    model = darkconv.load(ROOT / "cfg" / "yolov3-tiny.cfg", width=96, height=96).randomize(0)
+    spec = model.spec
+    imgs = [np.random.default_rng(i).integers(0, 255, (120, 160, 3), dtype=np.uint8) for i in range(3)]
+    ort_q = export_onnx(model, tmp_path / "ort-int8.onnx", precision="int8", batch="dynamic", calib_images=imgs,
+                        int8_target="onnxruntime")
+    msgs = [m for *_n, m in parser_errors(onnx.load(str(ort_q)))]
+    assert any("zero point must be 0" in m for m in msgs) and any("INT32" in m for m in msgs)
+    x = np.random.default_rng(0).random((2, 3, 96, 96), dtype=np.float32)
+    for precision, kw, version in (("fp16", {}, "10.13.3.9"),
+                                   ("int8", {"calib_images": imgs, "int8_target": "tensorrt"}, "11.4.0.106")):
+        onnx_path = export_onnx(model, tmp_path / f"m-{precision}.onnx", precision=precision, batch="dynamic", **kw)
+        trt, _ = fake(version)
+        engine = tmp_path / f"m-{precision}.engine"
+        build_engine(onnx_path, engine, spec, precision, batch=(1, 2, 2), log=None)
+        with TensorRTRunner(engine) as r:
+            got = r.infer(x)
+        want = ort_heads(onnx_path, x, spec)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+        assert trt._fake.errors == []
+
+
 # -- names: everything the code calls exists in the real bindings ------------------------------------
 TRT_MODULES = ("darkconv/export/tensorrt.py", "darkconv/runners/tensorrt.py")
 # which real class each receiver expression in the two modules is (checked: an unknown receiver of a
