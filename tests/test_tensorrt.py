@@ -50,10 +50,10 @@ def real_enum(version, enum, member):
 @pytest.fixture
 def fake(monkeypatch):
     """fake(version=..., **cudart_kw) installs a fake tensorrt of that version + a fake cudart."""
-    def use(version=TRT_VERSION, **kw):
+    def use(version=TRT_VERSION, gpu_ok=True, **kw):
         cudart = FakeCudart(**kw)
         install_cudart(monkeypatch, cudart)
-        trt = make_tensorrt(version, cudart)
+        trt = make_tensorrt(version, cudart, gpu_ok=gpu_ok)
         install_tensorrt(monkeypatch, trt)
         return trt, cudart
     return use
@@ -129,6 +129,23 @@ def test_no_gpu_is_backend_unavailable(fake, tmp_path, onnx_file):
     with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
         gpu_info()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_builder_creation_failure_is_backend_unavailable(fake, tmp_path, onnx_file):
+    fake(gpu_ok=False)  # pybind raises TypeError when createInferBuilder returns nullptr
+    with pytest.raises(BackendUnavailable, match="could not create a builder"):
+        build_engine(onnx_file, tmp_path / "m.engine", small_spec(), "fp32", log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_real_cuda_python_without_gpu(monkeypatch):
+    """With the real cuda-python (where installed) on a machine without a GPU driver: one clear error."""
+    runtime = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed")
+    err, _count = runtime.cudaGetDeviceCount()
+    if int(err) == 0:
+        pytest.skip("this machine has a CUDA driver: the no-GPU error cannot occur")
+    with pytest.raises(BackendUnavailable, match=f"cudaGetDeviceCount returned {err.name}"):
+        gpu_info()
 
 
 @pytest.mark.parametrize("version", symbols.CUDA_VERSIONS)
