@@ -357,7 +357,8 @@ def sample_images(paths=None) -> list[Path]:
 
 def prepare(model, weights=None, backend: str | None = None, *, precision: str | None = None,
             width: int | None = None, height: int | None = None, threads: int | None = None,
-            calib=None, max_batch: int = 1, log=None, url=None, device: str | None = None) -> Prepared:
+            calib=None, max_batch: int = 1, log=None, url=None, device: str | None = None,
+            cuda_graphs: bool = False) -> Prepared:
     """Load ``model`` (cfg [+ weights], .onnx or engine) for ``backend``, timing each step.
 
     A cfg without weights gets deterministic random weights (speed only). A cfg on
@@ -390,7 +391,7 @@ def prepare(model, weights=None, backend: str | None = None, *, precision: str |
     prep = Prepared(None, backend, "fp32", precision, info, load, notes)
     try:
         if kind == "cfg":
-            _prepare_cfg(prep, model, weights, width, height, threads, calib, max_batch, log, device)
+            _prepare_cfg(prep, model, weights, width, height, threads, calib, max_batch, log, device, cuda_graphs)
         else:
             _prepare_artifact(prep, model, kind, width, height, threads)
     except BaseException:
@@ -425,7 +426,7 @@ def _describe_spec(info: dict, spec) -> None:
 
 
 def _prepare_cfg(prep: Prepared, cfg, weights, width, height, threads, calib, max_batch, log,
-                 device=None) -> None:
+                 device=None, cuda_graphs=False) -> None:
     import darkconv
     from .runners import runner_class
 
@@ -464,7 +465,8 @@ def _prepare_cfg(prep: Prepared, cfg, weights, width, height, threads, calib, ma
             run = "fp32"
             notes.append("torch on CPU runs FP32 (no fast FP16 kernels on CPU): --precision fp16 ignored")
         prep.precision = run
-        prep.runner = runner_class("torch")(None, model=model, threads=threads, precision=run, device=on)
+        prep.runner = runner_class("torch")(None, model=model, threads=threads, precision=run, device=on,
+                                            cuda_graphs=cuda_graphs)
         return
     workdir = prep.workdir = tempfile.TemporaryDirectory(prefix="darkconv-bench-")
     from .export.onnx import export_onnx

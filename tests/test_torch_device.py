@@ -104,6 +104,12 @@ def test_cli_device_only_for_torch(command, where):
     assert f"--device applies to the torch backend, not {where}" in r.output
 
 
+@pytest.mark.parametrize("extra", [["--device", "cpu"], ["--backend", "onnxruntime"]])
+def test_cli_cuda_graphs_need_torch_on_cuda(extra):
+    r = invoke("bench", CFG, "--cuda-graphs", "--iters", "1", *extra)
+    assert r.exit_code == 2 and "CUDA graphs are for the torch backend on --device cuda" in r.output, r.output
+
+
 def test_cli_device_bad_value():
     r = invoke("bench", CFG, "--device", "tpu")
     assert r.exit_code == 2 and "unknown device 'tpu'" in r.output
@@ -174,6 +180,8 @@ def test_cuda_graphs_equal_eager(small_model):
 
 @needs_cuda
 def test_cli_bench_device_cuda(tmp_path):
-    r = invoke("bench", CFG, "--size", "160x128", "--device", "cuda", "--precision", "fp16", "--iters", "3")
-    assert r.exit_code == 0, r.output
-    assert "cuda" in r.output
+    for graphs in ([], ["--cuda-graphs"]):
+        r = invoke("bench", CFG, "--size", "160x128", "--device", "cuda", "--precision", "fp16", "--iters", "3",
+                   "--batch", "1,2", *graphs)
+        assert r.exit_code == 0, r.output
+        assert "cuda" in r.output
