@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from ..errors import BackendUnavailable, DarkconvError
-from .base import Runner
+from .base import Runner, outputs_by_name
 
 DEVICE_HELP = "cpu | cuda | cuda:N [default: cuda when PyTorch sees a GPU, else cpu]"
 NO_GPU_FIX = ("install a CUDA build of PyTorch on a machine with an NVIDIA GPU and driver, or use --device cpu")
@@ -86,6 +86,9 @@ class TorchRunner(Runner):
         if self.cuda_graphs and not cuda:
             raise DarkconvError("CUDA graphs need --device cuda")
         self.model.to(self.device, self.dtype).eval()
+        # the module returns its heads in its own head_layers order: pick them by name
+        produced = [f"head_{layer}" for layer in self.model.head_layers]
+        self._order = [produced.index(n) for n in outputs_by_name(self.spec, produced, where=str(self.cfg))]
         self._graphs = {}
 
     def deactivate(self):
@@ -96,9 +99,9 @@ class TorchRunner(Runner):
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device, self.dtype)
-            outs = self._replay(x) if self.cuda_graphs else self.model(x)
+            heads = self._replay(x) if self.cuda_graphs else self.model(x)
             # .cpu() waits for the GPU (a synchronizing copy), so the arrays are complete
-            return [h.float().cpu().numpy() for h in outs]
+            return [heads[k].float().cpu().numpy() for k in self._order]
 
     def _replay(self, x):
         """Run ``x`` through the CUDA graph recorded for its shape (recording it on first use)."""
