@@ -121,11 +121,13 @@ CPU_RECIPES = {
                               "(AMD EPYC, AVX2, benchmarks/results/bench_int8.md)", True),
     "x86-vnni": ("u8s8", "x86-64 with VNNI: U8S8 sums are 32-bit (VPDPBUSD), no saturation, so full 8-bit weights; "
                          "the AVX-512 VNNI kernels were measured on an AMX Xeon with AMX denied to ONNX Runtime "
-                         "(benchmarks/no_amx.py, benchmarks/results/bench_int8-x86-amx-denied.md); on a CPU with "
-                         "AVX-VNNI only (256-bit kernels) inferred, not measured", False),
+                         "(benchmarks/no_amx.py, benchmarks/results/bench_int8-x86-amx-denied.md: agreement 1.000 on "
+                         "yolov3-tiny and yolov4-tiny-10, results identical to the AMX run, 0.58x/0.54x FP32); on a "
+                         "real non-AMX CPU and on AVX-VNNI-only CPUs (256-bit kernels) inferred, not measured", False),
     "x86-amx": ("u8s8", "x86-64 with AMX-INT8 and AVX-512 VNNI: U8S8 with 8-bit weights keeps held-out agreement "
                         "1.000 on yolov3-tiny and yolov4-tiny-10 and is the fastest recipe (ONNX Runtime runs U8S8 "
-                        "GEMMs on AMX); measured on an Intel Xeon (KVM, avx512_vnni, avx_vnni, amx_int8), "
+                        "GEMMs on AMX, but its signed-weight QLinearConv kernels are AVX-512 VNNI: results identical with AMX "
+                        "denied); measured on an Intel Xeon (KVM, avx512_vnni, avx_vnni, amx_int8), "
                         "benchmarks/results/bench_int8-x86-amx.md", True),
     "arm": ("s8s8", "ARM64: no saturation per ONNX Runtime's documentation, which recommends S8S8 QDQ first "
                     "(inferred, not measured by darkconv)", False),
