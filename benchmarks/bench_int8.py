@@ -113,7 +113,8 @@ def environment():
             if k.strip() in ("Model name", "Hypervisor vendor", "Flags", "CPU(s)")}
     except (OSError, subprocess.SubprocessError):
         lscpu = {}
-    return {"lscpu": lscpu, "cpu_model": c.model, "arch": c.arch, "cpu_class": c.cpu_class, "int8_flags": c.relevant_flags(),
+    return {"lscpu": lscpu, "cpu_model": c.model, "arch": c.arch, "cpu_class": c.cpu_class,
+            "int8_flags": c.relevant_flags(),
             "flags_source": c.source, "cores": os.cpu_count(), "python": platform.python_version(),
             "versions": {"darkconv": darkconv.__version__, "onnxruntime": onnxruntime.__version__,
                          "onnx": onnx.__version__, "torch": torch.__version__, "opencv": cv2.__version__}}

@@ -125,8 +125,9 @@ CPU_RECIPES = {
                          "yolov3-tiny and yolov4-tiny-10, results identical to the AMX run, 0.58x/0.54x FP32); on a "
                          "real non-AMX CPU and on AVX-VNNI-only CPUs (256-bit kernels) inferred, not measured", False),
     "x86-amx": ("u8s8", "x86-64 with AMX-INT8 and AVX-512 VNNI: U8S8 with 8-bit weights keeps held-out agreement "
-                        "1.000 on yolov3-tiny and yolov4-tiny-10 and is the fastest recipe (ONNX Runtime runs U8S8 "
-                        "GEMMs on AMX, but its signed-weight QLinearConv kernels are AVX-512 VNNI: results identical with AMX "
+                        "1.000 on yolov3-tiny and yolov4-tiny-10 with the lowest head error, at the best latency "
+                        "(tied with u8s8-rr, same kernels: 0.57x/0.52x FP32; ONNX Runtime runs U8S8 GEMMs on AMX, "
+                        "but its signed-weight QLinearConv kernels are AVX-512 VNNI: results identical with AMX "
                         "denied); measured on an Intel Xeon (KVM, avx512_vnni, avx_vnni, amx_int8), "
                         "benchmarks/results/bench_int8-x86-amx.md", True),
     "arm": ("s8s8", "ARM64: no saturation per ONNX Runtime's documentation, which recommends S8S8 QDQ first "
