@@ -16,10 +16,13 @@ agreement over all 13 images, each judged by a model that was not calibrated on 
 * mixed precision (``darkconv.int8.convert_int8`` with a budget) for the recipes that miss it;
 * sensitivity cost: the per-conv probe of a random-weight yolov4 (110 convs) at 416 on 2 images.
 
-Writes ``benchmarks/results/bench_int8.md`` and ``.json`` (or ``--out DIR``).
+Writes ``benchmarks/results/bench_int8.md`` and ``.json`` (or ``--out DIR``); ``--suffix x86-amx`` writes
+``bench_int8-x86-amx.*`` instead (one record per CPU class; ``bench_int8.*`` is the AMD EPYC, x86-novnni run).
 
     python benchmarks/bench_int8.py                 # ~25 min on 2 busy cores (entropy calibration is most of it)
     python benchmarks/bench_int8.py --quick         # percentile only, 2 recipes, no yolov4: a smoke run
+    python benchmarks/bench_int8.py --methods minmax,percentile --recipes u8s8,u8s8-rr,s8s8,u8u8,tensorrt \
+        --no-yolov4 --suffix x86-amx                # the reduced grid run on the AMX/VNNI Xeon (~10 min)
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import fcntl
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +49,7 @@ import darkconv  # noqa: E402
 from darkconv import int8 as I  # noqa: E402
 from darkconv import zoo  # noqa: E402
 from darkconv.compare import DetectionDiff, compare_detections  # noqa: E402
-from darkconv.cpu import cpu_info  # noqa: E402
+from darkconv.cpu import X86_FLAGS, cpu_info  # noqa: E402
 from darkconv.io import sha256_file  # noqa: E402
 from darkconv.export import quantize as qz  # noqa: E402
 from darkconv.export.onnx import to_onnx_model  # noqa: E402
@@ -103,10 +107,30 @@ def environment():
     import torch
 
     c = cpu_info()
-    return {"cpu_model": c.model, "arch": c.arch, "cpu_class": c.cpu_class, "int8_flags": c.relevant_flags(),
+    try:  # the record the brief asks for: lscpu's model, hypervisor and flags
+        lscpu = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines())
+            if k.strip() in ("Model name", "Hypervisor vendor", "Flags", "CPU(s)")}
+    except (OSError, subprocess.SubprocessError):
+        lscpu = {}
+    return {"lscpu": lscpu, "cpu_model": c.model, "arch": c.arch, "cpu_class": c.cpu_class,
+            "int8_flags": c.relevant_flags(),
             "flags_source": c.source, "cores": os.cpu_count(), "python": platform.python_version(),
             "versions": {"darkconv": darkconv.__version__, "onnxruntime": onnxruntime.__version__,
                          "onnx": onnx.__version__, "torch": torch.__version__, "opencv": cv2.__version__}}
+
+
+def amx_state() -> str:
+    """Whether ONNX Runtime could use AMX in this run: MLAS asks Linux for the AMX tile state when a session is
+    created (MlasInitAMX) and uses its AMX U8S8 GEMM only when granted; benchmarks/no_amx.py denies it."""
+    if os.environ.get("DARKCONV_AMX_DENIED") == "1":
+        return "denied (benchmarks/no_amx.py: MLAS on its AVX-512 VNNI kernels)"
+    if "amx_int8" not in cpu_info().flags:
+        return "not on this CPU"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from no_amx import amx_permitted
+
+    return "granted (MLAS's AMX U8S8 GEMM enabled)" if amx_permitted() else "not granted"
 
 
 class OpenCVDNN:
@@ -283,8 +307,11 @@ def markdown(doc) -> str:
     env = doc["environment"]
     L = ["# INT8 recipes: held-out agreement and latency", "",
          f"- **Machine**: {env['cpu_model']} ({env['arch']}), {env['cores']} cores, INT8-relevant flags: "
-         f"{', '.join(env['int8_flags']) or 'none'} (from {env['flags_source']}; no avx512*, no *vnni, no amx*) "
+         f"{', '.join(env['int8_flags']) or 'none'} (from {env['flags_source']}; absent: "
+         f"{', '.join(f for f in X86_FLAGS if f not in env['int8_flags']) or 'none'}) "
          f"-> CPU class `{env['cpu_class']}`",
+         f"- **lscpu**: {env.get('lscpu', {}).get('Model name', '?')}, hypervisor "
+         f"{env.get('lscpu', {}).get('Hypervisor vendor', 'none')}; flags: {env.get('lscpu', {}).get('Flags', '?')}",
          f"- **Software**: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
          f"- **Run**: {doc['created']}, `{doc['command']}`, {doc['wall_s']:.0f} s; ONNX Runtime CPU, "
          f"{doc['threads']} threads, batch 1; latency = median of interleaved rounds under the exclusive CPU lock",
@@ -292,6 +319,7 @@ def markdown(doc) -> str:
          "reverse; *pooled* = agreement over all 13 images, each judged by a model not calibrated on it",
          "- **agreement** = Darknet `detector map` AP@0.5 of INT8 detections (thresh 0.005) vs FP32 detections > 0.25, "
          "mean over classes with truths; lost/new/max|Δscore| at thresh 0.25",
+         f"- **AMX** (ONNX Runtime process): {doc.get('amx', 'not recorded')}",
          "- **CPU lock** (TEAM.md): " + "; ".join(f"{k}: {v}" for k, v in doc.get("cpu_lock", {}).items()), ""]
     for m in doc["models"]:
         L += [f"## {m['model']}", "",
@@ -339,6 +367,7 @@ def main():
     ap.add_argument("--no-yolov4", action="store_true", help="skip the yolov4 sensitivity-cost run")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--suffix", default="", help="write bench_int8-SUFFIX.{md,json} (e.g. the CPU class)")
     args = ap.parse_args()
     if args.quick:
         args.recipes, args.methods, args.no_yolov4, args.rounds = "u8s8,u8s8-rr", "percentile", True, 2
@@ -359,10 +388,12 @@ def main():
             log("yolov4 sensitivity cost")
             doc["sensitivity_cost"] = bench_sensitivity_cost(args, work)
     doc["wall_s"] = time.perf_counter() - t0
+    doc["amx"] = amx_state()
     doc["cpu_lock"] = LOCK_STATE
-    (out_dir / "bench_int8.json").write_text(json.dumps(doc, indent=1, default=str))
-    (out_dir / "bench_int8.md").write_text(markdown(doc))
-    log(f"wrote {out_dir / 'bench_int8.md'} and .json")
+    stem = "bench_int8" + (f"-{args.suffix}" if args.suffix else "")
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out_dir / f"{stem}.md").write_text(markdown(doc))
+    log(f"wrote {out_dir / (stem + '.md')} and .json")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@
 * **Which recipe** (:func:`choose_recipe`) depends on the CPU (``darkconv.cpu``): on x86-64 without
   VNNI, ONNX Runtime's U8S8 kernels use VPMADDUBSW, whose 16-bit sums saturate; ``reduce_range``
   (7-bit weights) avoids it ("Quantize ONNX Models", onnxruntime.ai/docs/performance/model-optimizations/
-  quantization.html: Data type selection, and the FAQ on reduce_range).
+  quantization.html: Data type selection, and the FAQ on reduce_range). With VNNI (VPDPBUSD, 32-bit sums)
+  and AMX there is no saturation and 8-bit weights keep the accuracy (measured on an AMX Xeon, with and
+  without AMX: benchmarks/results/bench_int8-x86-amx*.md).
 """
 from __future__ import annotations
 
@@ -117,10 +119,17 @@ CPU_RECIPES = {
     "x86-novnni": ("u8s8-rr", "x86-64 without VNNI: U8S8 with 8-bit weights saturates in VPMADDUBSW; 7-bit "
                               "weights do not, and held-out agreement and latency were measured on such a CPU "
                               "(AMD EPYC, AVX2, benchmarks/results/bench_int8.md)", True),
-    "x86-vnni": ("u8s8", "x86-64 with VNNI: no U8S8 saturation per ONNX Runtime's documentation, so full 8-bit "
-                         "weights (inferred from the documentation, not measured by darkconv)", False),
-    "x86-amx": ("u8s8", "x86-64 with AMX/VNNI: no U8S8 saturation per ONNX Runtime's documentation (inferred, "
-                        "not measured by darkconv)", False),
+    "x86-vnni": ("u8s8", "x86-64 with VNNI: U8S8 sums are 32-bit (VPDPBUSD), no saturation, so full 8-bit weights; "
+                         "the AVX-512 VNNI kernels were measured on an AMX Xeon with AMX denied to ONNX Runtime "
+                         "(benchmarks/no_amx.py, benchmarks/results/bench_int8-x86-amx-denied.md: agreement 1.000 on "
+                         "yolov3-tiny and yolov4-tiny-10, results identical to the AMX run, 0.58x/0.54x FP32); on a "
+                         "real non-AMX CPU and on AVX-VNNI-only CPUs (256-bit kernels) inferred, not measured", False),
+    "x86-amx": ("u8s8", "x86-64 with AMX-INT8 and AVX-512 VNNI: U8S8 with 8-bit weights keeps held-out agreement "
+                        "1.000 on yolov3-tiny and yolov4-tiny-10 with the lowest head error, at the best latency "
+                        "(tied with u8s8-rr, same kernels: 0.57x/0.52x FP32; ONNX Runtime runs U8S8 GEMMs on AMX, "
+                        "but its signed-weight QLinearConv kernels are AVX-512 VNNI: results identical with AMX "
+                        "denied); measured on an Intel Xeon (KVM, avx512_vnni, avx_vnni, amx_int8), "
+                        "benchmarks/results/bench_int8-x86-amx.md", True),
     "arm": ("s8s8", "ARM64: no saturation per ONNX Runtime's documentation, which recommends S8S8 QDQ first "
                     "(inferred, not measured by darkconv)", False),
     "unknown": ("u8s8-rr", "CPU features unknown: 7-bit weights are safe on every CPU (at a small accuracy cost "
