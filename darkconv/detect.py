@@ -99,6 +99,13 @@ def darknet_json(results: list[ImageResult], names) -> list[dict]:
     return [darknet_entry(r, names) for r in results if r.detections is not None]
 
 
+def entry_text(entry: dict) -> str:
+    """One entry laid out as Darknet's ``detection_to_json`` does: its keys one per line, one object per line."""
+    head = ", \n".join(f" {json.dumps(k)}:{json.dumps(v)}" for k, v in entry.items() if k != "objects")
+    objs = ", \n".join("  " + json.dumps(o, separators=(", ", ":")) for o in entry["objects"])
+    return "{\n" + head + ", \n \"objects\": [ \n" + objs + ("\n" if objs else "") + " ] \n}"
+
+
 class JsonStream:
     """Darknet's JSON written entry by entry (a long video costs no memory), renamed into place at the end."""
 
@@ -113,7 +120,7 @@ class JsonStream:
             fd = os.open(self._atomic.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             self._file = os.fdopen(fd, "w", encoding="utf-8")
             self._file.write("[\n")
-        self._file.write((",\n" if self.count else "") + json.dumps(entry, indent=1))
+        self._file.write((",\n" if self.count else "") + entry_text(entry))
         self.count += 1
 
     def finish(self) -> bool:
@@ -471,14 +478,16 @@ class Outputs:
                 if self.video else AnnotatedImages(out)
 
     def add(self, frame, r: ImageResult, names) -> None:
-        if self.drawn is not None:
-            banner = RANDOM_NOTE if self.random_weights else None
-            if r.detections is not None:
-                self.drawn.add(frame, draw(frame.image, r.detections, names, banner=banner))
-            elif self.video:  # a failed frame is written as it came, so that the video keeps its length
-                self.drawn.add(frame, np.ascontiguousarray(frame.image[:, :, ::-1]))
-        if self.json is not None and r.detections is not None:
-            self.json.add(darknet_entry(r, names, video=self.video, random_weights=self.random_weights))
+        try:
+            if self.drawn is not None:
+                banner = RANDOM_NOTE if self.random_weights else None
+                if r.detections is not None:
+                    self.drawn.add(frame, draw(frame.image, r.detections, names, banner=banner))
+                elif self.video:  # a failed frame is written as it came, so that the video keeps its length
+                    self.drawn.add(frame, np.ascontiguousarray(frame.image[:, :, ::-1]))
+        finally:  # even when Ctrl-C lands in the drawing: the JSON and the video hold the same frames
+            if self.json is not None and r.detections is not None:
+                self.json.add(darknet_entry(r, names, video=self.video, random_weights=self.random_weights))
 
     def finish(self) -> list[str]:
         """Finish every output; one phrase per output saying what was (or was not) written."""
@@ -734,7 +743,7 @@ class Detect:
         t, n = report.timings, max(report.frames, 1)
         unit = "image(s)" if report.kind == "images" else "frame(s)"
         fps = report.frames / report.seconds if report.seconds > 0 else 0.0
-        lines = [f"done: {report.frames} {unit} on {where or self.where or '?'} in {report.seconds:.1f} s "
+        lines = [f"{'interrupted' if report.interrupted else 'done'}: {report.frames} {unit} on {where or self.where or '?'} in {report.seconds:.1f} s "
                  f"({fps:.1f} per second), {report.boxes} box(es); per {unit[:-3]} decode {t.decode / n * 1e3:.1f} ms, "
                  f"preprocess {t.preprocess / n * 1e3:.1f} ms, inference {t.inference / max(t.images, 1) * 1e3:.1f} ms, "
                  f"postprocess {t.postprocess / n * 1e3:.2f} ms"]
