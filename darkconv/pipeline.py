@@ -20,8 +20,7 @@ import numpy as np
 from .darknet.spec import ModelSpec
 from .errors import DarkconvError
 from .postprocess import Detections, postprocess
-from .preprocess import preprocess as preprocess_image
-from .preprocess import preprocess_batch
+from .preprocess import preprocess_batch, preprocess_into
 from .runners import canonical, runner_class
 
 DATA = Path(__file__).parent / "data"
@@ -267,6 +266,7 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
     q_pre: queue.Queue = queue.Queue(per_stage)    # batches being preprocessed / ready, in order
     q_post: queue.Queue = queue.Queue(per_stage)   # inferred batches waiting for postprocessing
     q_out: queue.Queue = queue.Queue(per_stage)    # finished batches waiting for the consumer
+    spare: queue.SimpleQueue = queue.SimpleQueue()  # batch arrays back from inference, reused (no fresh pages)
     stop = threading.Event()
     lock = threading.Lock()
     t = timings
@@ -280,12 +280,13 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
     def prep(x, i, frame):
         t0 = time.perf_counter()
         try:
-            im = frame.image
-            x[i] = preprocess_image(im, size, lb)
+            im = frame.image                     # a lazy frame decodes its file here, in parallel with inference
+            t1 = time.perf_counter()
+            add("decode", t1 - t0)
+            preprocess_into(im, size, lb, x[i])
+            add("preprocess", time.perf_counter() - t1)
         except (DarkconvError, ValueError) as e:  # this frame's image is not an image: its result is the error
             return e
-        finally:
-            add("preprocess", time.perf_counter() - t0)
         return (int(im.shape[1]), int(im.shape[0]))
 
     pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="darkconv-stream-pre")
@@ -303,7 +304,10 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
                     break
                 add("decode", time.perf_counter() - t0)
                 if x is None:
-                    x = np.empty((batch, 3, size[1], size[0]), np.float32)
+                    try:
+                        x = spare.get_nowait()
+                    except queue.Empty:
+                        x = np.empty((batch, 3, size[1], size[0]), np.float32)
                 chunk.append((frame, pool.submit(prep, x, len(chunk), frame)))
                 if len(chunk) == batch:
                     if not _put(q_pre, (x, chunk), stop):
@@ -341,6 +345,7 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
                     except InferenceError as e:
                         failed = e
                     add("inference", time.perf_counter() - t0, n)
+                spare.put(x)
             except BaseException as e:  # noqa: BLE001
                 _put(q_post, _Failure(e), stop)
                 return
@@ -398,6 +403,24 @@ def _consume(threads, q_out, stop, pool, on_batch):
         for th in threads:
             th.join()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ImageFile:
+    """A frame of an image file decoded on first use of ``image`` (in a preprocessing thread of
+    :func:`stream_runs`); an unreadable file raises its :class:`~darkconv.errors.ImageError` there."""
+
+    __slots__ = ("index", "name", "path", "fps", "_image")
+
+    def __init__(self, index: int, path):
+        self.index, self.path, self.name, self.fps, self._image = index, Path(path), str(path), None, None
+
+    @property
+    def image(self) -> np.ndarray:
+        if self._image is None:
+            from .preprocess import load_image
+
+            self._image = load_image(self.path)
+        return self._image
 
 
 def default_workers() -> int:
