@@ -604,10 +604,6 @@ def detect_source(runner, source: Source, names, *, thresh=0.25, nms=0.45, lette
                     report.written = outputs.finish()
                 else:
                     outputs.discard()
-            t = report.timings
-            t.decode = source.decode_seconds
-            if source.kind == "images":  # image files are decoded inside the preprocessing workers
-                t.preprocess = max(t.preprocess - t.decode, 0.0)
         if pending and report.interrupted is None:
             report.interrupted = "SIGTERM" if pending[0] == signal.SIGTERM else "SIGINT"
     if report.interrupted:
