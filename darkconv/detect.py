@@ -543,6 +543,33 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextmanager
+def _stop_on_signal(source: Source):
+    """During a run the first Ctrl-C / SIGTERM asks it to stop after the frame in hand (and stops the source,
+    so a stalled stream does not keep it waiting); a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    asked: list[int] = []
+
+    def handler(signum, frame):
+        if asked:
+            if signum == signal.SIGTERM:
+                from .cli.common import Terminated
+
+                raise Terminated()
+            raise KeyboardInterrupt()
+        asked.append(signum)
+        source.stop()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
 def _signals_held():
     """Ctrl-C / SIGTERM wait while outputs are finished (a second Ctrl-C must not leave a broken file)."""
     if threading.current_thread() is not threading.main_thread():
@@ -572,25 +599,31 @@ def detect_source(runner, source: Source, names, *, thresh=0.25, nms=0.45, lette
                         agnostic=agnostic, max_det=max_det, timings=report.timings)
     ok = False
     try:
-        for frame, det in gen:
-            r = _result(frame, det)
-            report.frames += 1
-            if r.error is None:
-                report.boxes += len(set(r.detections.box_ids.tolist()))
-            else:
-                report.failed.append(r)
-            if keep_results:
-                report.results.append(r)
-            if not quiet or r.error:
-                say(summary_line(r, names, max_print))
-            if outputs is not None and (r.error is None or source.kind != "images"):
-                outputs.add(frame, r, names)
-            if progress is not None:
-                progress.update(1)
-            del frame, det, r
-        ok = True
-    except KeyboardInterrupt as e:
-        report.interrupted = "SIGTERM" if type(e).__name__ == "Terminated" else "SIGINT"
+        with _stop_on_signal(source) as asked:
+            try:
+                for frame, det in gen:
+                    r = _result(frame, det)
+                    if r.error is None:
+                        report.boxes += len(set(r.detections.box_ids.tolist()))
+                    else:
+                        report.failed.append(r)
+                    if keep_results:
+                        report.results.append(r)
+                    if not quiet or r.error:
+                        say(summary_line(r, names, max_print))
+                    if outputs is not None and (r.error is None or source.kind != "images"):
+                        outputs.add(frame, r, names)
+                    report.frames += 1  # counted once every output has it
+                    if progress is not None:
+                        progress.update(1)
+                    del frame, det, r
+                    if asked:  # Ctrl-C / SIGTERM: stop between frames, the outputs hold whole frames
+                        break
+                ok = True
+            except KeyboardInterrupt as e:  # a second signal, or one that landed outside the loop
+                report.interrupted = "SIGTERM" if type(e).__name__ == "Terminated" else "SIGINT"
+            if asked and report.interrupted is None:
+                report.interrupted = "SIGTERM" if asked[0] == signal.SIGTERM else "SIGINT"
     finally:
         with _signals_held() as pending:
             source.stop()
