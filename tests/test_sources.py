@@ -182,3 +182,21 @@ def test_image_folder_frames_decode_lazily_and_report_bad_files(tmp_path):
     assert np.array_equal(frames[0].image, cv2.imread(str(d / "a.jpg"))[:, :, ::-1])  # RGB
     with pytest.raises(ImageError, match=r"b\.jpg: cannot decode the image"):
         frames[1].image
+
+
+def test_video_that_stops_early_says_so(tmp_path, default_onnx):
+    from click.testing import CliRunner
+
+    from darkconv.cli import main
+
+    data = make_video(tmp_path / "v.avi", n=20, size=(160, 120)).read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[:len(data) // 2])
+    with open_source(cut) as src:
+        n = len(list(src))
+    assert 0 < n < 20 and src.ended_early == n and src.frame_count == 20
+    with open_source(tmp_path / "v.avi") as src:
+        assert len(list(src)) == 20 and src.ended_early is None
+    r = CliRunner().invoke(main, ["detect", str(default_onnx), str(cut), "-q", "--threads", "2"])
+    assert r.exit_code == 0
+    assert f"darkconv: warning: {cut}: decoding stopped after frame {n} of the 20 its header announces" in r.stderr

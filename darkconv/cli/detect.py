@@ -76,13 +76,13 @@ def detect(args, backend, thresh, nms, letterbox, names, out, json_path, every, 
                                 log=click.echo)
     except Interrupted as e:
         for line in job.summary(e.report, job.where):
-            click.echo(line)
+            click.echo(line, err=line.startswith("darkconv: warning:"))
         code = EXIT_SIGTERM if e.signal_name == "SIGTERM" else EXIT_SIGINT
         what = "; ".join(p for p in e.report.written if p.startswith("wrote")) or "nothing was written"
         _die(f"{'terminated (SIGTERM)' if code == EXIT_SIGTERM else 'interrupted'} after {e.report.frames} "
              f"frame(s): {what} (complete files with the frames so far)", code)
     for line in job.summary(report, where):
-        click.echo(line)
+        click.echo(line, err=line.startswith("darkconv: warning:"))
     failed = report.failed
     if failed:
         unread = [r for r in failed if r.failed_stage != "inference"]
