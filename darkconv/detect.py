@@ -40,6 +40,7 @@ IMAGE_OUT_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 #: annotated-video containers and the codecs tried for each (this OpenCV's FFmpeg; no H.264 encoder here)
 VIDEO_OUT = {".mp4": ("mp4v",), ".m4v": ("mp4v",), ".mov": ("mp4v",), ".mkv": ("mp4v", "MJPG"),
              ".avi": ("XVID", "MJPG")}
+MAX_FAILED_KEPT = 1000  # failed frames kept for the closing message (all are counted)
 STATUS_INTERVAL_S = 5.0  # non-TTY progress: one status line at most this often
 RANDOM_NOTE = "RANDOM WEIGHTS: detections are meaningless (structure/speed check)"
 
@@ -525,7 +526,8 @@ class DetectReport:
     kind: str
     frames: int = 0
     boxes: int = 0
-    failed: list = field(default_factory=list)
+    failed: list = field(default_factory=list)  # the first MAX_FAILED_KEPT failed frames (a stream may fail long)
+    failed_counts: dict = field(default_factory=dict)  # stage ("read" / "inference") -> how many frames
     results: list = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
     written: list = field(default_factory=list)
@@ -606,7 +608,9 @@ def detect_source(runner, source: Source, names, *, thresh=0.25, nms=0.45, lette
                     if r.error is None:
                         report.boxes += len(set(r.detections.box_ids.tolist()))
                     else:
-                        report.failed.append(r)
+                        report.failed_counts[r.failed_stage] = report.failed_counts.get(r.failed_stage, 0) + 1
+                        if len(report.failed) < MAX_FAILED_KEPT:
+                            report.failed.append(r)
                     if keep_results:
                         report.results.append(r)
                     if not quiet or r.error:

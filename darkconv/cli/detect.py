@@ -83,15 +83,16 @@ def detect(args, backend, thresh, nms, letterbox, names, out, json_path, every, 
              f"frame(s): {what} (complete files with the frames so far)", code)
     for line in job.summary(report, where):
         click.echo(line, err=line.startswith("darkconv: warning:"))
-    failed = report.failed
-    if failed:
-        unread = [r for r in failed if r.failed_stage != "inference"]
-        gone = [r for r in failed if r.failed_stage == "inference"]
+    if report.failed_counts:
+        unread = [r for r in report.failed if r.failed_stage != "inference"]
+        gone = [r for r in report.failed if r.failed_stage == "inference"]
+        n_gone = report.failed_counts.get("inference", 0)
+        n_unread = sum(report.failed_counts.values()) - n_gone
         n = report.frames
 
-        def names_of(rs):
-            return ", ".join(r.name for r in rs[:10]) + (" ..." if len(rs) > 10 else "")
+        def names_of(rs, count):
+            return ", ".join(r.name for r in rs[:10]) + (" ..." if count > 10 else "")
         unit = "image(s)" if report.kind == "images" else "frame(s)"
-        parts = ([f"{len(unread)} of {n} {unit} could not be read ({names_of(unread)})"] if unread else []) + \
-            ([f"{len(gone)} of {n} {unit} failed in inference ({names_of(gone)})"] if gone else [])
+        parts = ([f"{n_unread} of {n} {unit} could not be read ({names_of(unread, n_unread)})"] if n_unread else []) + \
+            ([f"{n_gone} of {n} {unit} failed in inference ({names_of(gone, n_gone)})"] if n_gone else [])
         _die("; ".join(parts), 2)
