@@ -730,7 +730,7 @@ class Detect:
             self.source.close()
             raise
 
-    def run(self, *, threads=None, url=None, names=None, thresh=0.25, nms=0.45, letterbox=None, agnostic=False,
+    def run(self, *, threads=None, url=None, device=None, names=None, thresh=0.25, nms=0.45, letterbox=None, agnostic=False,
             max_det=None, batch=1, print_max=MAX_PRINT, quiet=False, log=print, progress=True):
         import warnings
 
@@ -748,7 +748,7 @@ class Detect:
                 weights = str(Path(tmp) / (Path(self.model).stem + "-random.weights"))
                 darkconv.load(self.model).randomize(0).save_weights(weights)
             runner = open_runner(self.model, weights, self.backend, threads=threads, width=self.width,
-                                 height=self.height, log=log, url=url)
+                                 height=self.height, log=log, url=url, device=device)
             with runner:
                 class_names = resolve_names(runner.spec, names)
                 self.where = runner.describe() + (" with random weights" if self.random_weights else "")

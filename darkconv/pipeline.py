@@ -79,7 +79,8 @@ def artifact_precision(model) -> str:
 def open_runner(model, weights=None, backend: str | None = None, *, threads: int | None = None,
                 width: int | None = None, height: int | None = None, precision: str = "fp32",
                 calib=None, workdir: str | None = None, log=None, url=None,
-                random_weights: bool = False, engine_batch: int | None = None, report: dict | None = None):
+                random_weights: bool = False, engine_batch: int | None = None, report: dict | None = None,
+                device: str | None = None, cuda_graphs: bool = False):
     """A (not yet activated) runner for ``model`` on ``backend``: the one way darkconv opens a model.
 
     ``backend="triton"`` (implied by ``url``): ``model`` names the served model (a cfg/onnx stands
@@ -97,6 +98,8 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
     * ``random_weights``: a cfg without weights gets deterministic random weights (speed only).
     * ``engine_batch=N``: a cfg on tensorrt is exported and built into a temporary engine (in
       ``workdir``) for batches 1..N; without it a cfg on tensorrt is refused with the convert command.
+    * ``device`` (torch backend only): cpu, cuda or cuda:N [default: cuda when PyTorch sees a GPU];
+      ``cuda_graphs``: torch on CUDA replays one recorded CUDA graph per input shape.
     * ``report``: a dict that gets what opening took and means: ``model_load_s``, ``export_s``,
       ``engine_build_s`` (seconds, for the steps that ran), ``precision`` (what runs), ``int8``
       (recipe, calibration method and image count) and ``notes`` (lines worth telling the user).
@@ -104,6 +107,8 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
     rep = report if report is not None else {}
     rep.setdefault("notes", [])
     backend = canonical(backend or ("triton" if url else default_backend(model)))
+    if (device is not None or cuda_graphs) and backend != "torch":
+        raise DarkconvError(f"--device and CUDA graphs apply to the torch backend, not {backend}")
     if backend == "triton":
         from .runners.triton import served_name
 
@@ -137,6 +142,11 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
     if backend == "torch" and precision == "int8":
         raise DarkconvError("the torch backend has no INT8: run the Q/DQ ONNX with --backend onnxruntime "
                             "(or a TensorRT engine)")
+    if backend == "torch":
+        from .runners.torch import resolve_device
+        device = resolve_device(device)  # before loading: a missing GPU fails fast, in one line
+        if cuda_graphs and device == "cpu":
+            raise DarkconvError("CUDA graphs need --device cuda")
     if backend == "tensorrt" and not engine_batch:
         raise DarkconvError("the tensorrt backend runs engines: build one with "
                             "`darkconv convert MODEL.cfg MODEL.weights --engine MODEL.plan`")
@@ -158,12 +168,11 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
         if log:
             log(f"{model}: no weights given: {RANDOM_WEIGHTS}")
     if backend == "torch":
-        import torch
-
-        if precision == "fp16" and not torch.cuda.is_available():
+        if precision == "fp16" and device == "cpu":
             rep["precision"] = "fp32"
             rep["notes"].append("torch on CPU runs FP32 (no fast FP16 kernels on CPU): --precision fp16 ignored")
-        return runner_class("torch")(model, weights, threads=threads, precision=precision, model=m)
+        return runner_class("torch")(model, weights, threads=threads, precision=precision, model=m, device=device,
+                                     cuda_graphs=cuda_graphs)
     return _open_exported(m, model, weights, backend, precision, threads, calib, workdir, log, engine_batch, rep)
 
 

@@ -51,7 +51,8 @@ def sample_images(paths=None) -> list[Path]:
 
 def prepare(model, weights=None, backend: str | None = None, *, precision: str | None = None,
             width: int | None = None, height: int | None = None, threads: int | None = None,
-            calib=None, max_batch: int = 1, log=None, url=None) -> Prepared:
+            calib=None, max_batch: int = 1, log=None, url=None, device: str | None = None,
+            cuda_graphs: bool = False) -> Prepared:
     """Open ``model`` (cfg [+ weights], .onnx, engine or served name) for ``backend`` with
     :func:`darkconv.pipeline.open_runner`, timing each step.
 
@@ -87,7 +88,8 @@ def prepare(model, weights=None, backend: str | None = None, *, precision: str |
         runner = open_runner(model, weights, backend, threads=threads, width=width, height=height,
                              precision=(precision or "fp32") if kind == "cfg" else "fp32", calib=calib_files,
                              workdir=workdir.name if workdir else None, log=log, url=url,
-                             random_weights=True, engine_batch=max_batch, report=report)
+                             random_weights=True, engine_batch=max_batch, report=report, device=device,
+                             cuda_graphs=cuda_graphs)
     except BaseException:
         if workdir is not None:
             workdir.cleanup()

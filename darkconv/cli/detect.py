@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from ..errors import DarkconvError
-from .common import (EXIT_SIGINT, EXIT_SIGTERM, _die, handle_errors, main, parse_size, split_model_args,
-                     strict_option, url_option)
+from .common import (EXIT_SIGINT, EXIT_SIGTERM, _die, check_device, device_option, handle_errors, main, parse_size,
+                     split_model_args, strict_option, url_option)
 
 MAX_PRINT_HELP = "name at most N boxes per image/frame on stdout, then '... and K more' (--json has them all)"
 
@@ -46,10 +46,11 @@ MAX_PRINT_HELP = "name at most N boxes per image/frame on stdout, then '... and 
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores]")
 @url_option
+@device_option
 @strict_option
 @handle_errors
 def detect(args, backend, thresh, nms, letterbox, names, out, json_path, every, max_frames, all_frames, agnostic,
-           max_det, print_max, quiet, random_weights, size, batch, threads, url):
+           max_det, print_max, quiet, random_weights, size, batch, threads, url, device):
     """Detect objects on images, a video, a stream or a camera.
 
     \b
@@ -67,11 +68,15 @@ def detect(args, backend, thresh, nms, letterbox, names, out, json_path, every, 
     served = bool(url) or (backend or "").lower() == "triton"
     model, weights, inputs = split_model_args(args, served=served)
     width, height = parse_size(size, "--size")
+    if device is not None:
+        from ..pipeline import default_backend
+        from ..runners import canonical
+        check_device(device, [canonical(backend or ("triton" if served else default_backend(model)))])
     job = Detect(model, weights, inputs, backend=backend, out=out, json_path=json_path, every=every,
                  max_frames=max_frames, live=False if all_frames else None, random_weights=random_weights,
                  width=width, height=height, served=served)
     try:
-        report, where = job.run(threads=threads, url=url, names=names, thresh=thresh, nms=nms, letterbox=letterbox,
+        report, where = job.run(threads=threads, url=url, device=device, names=names, thresh=thresh, nms=nms, letterbox=letterbox,
                                 agnostic=agnostic, max_det=max_det, batch=batch, print_max=print_max, quiet=quiet,
                                 log=click.echo)
     except Interrupted as e:
