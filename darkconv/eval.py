@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,9 +28,8 @@ import numpy as np
 from . import coco as cocolib
 from . import metrics
 from .datasets import Dataset, DatasetError, load_dataset
-from .errors import DarkconvError, ImageError
-from .postprocess import Detections, postprocess
-from .preprocess import load_images, preprocess_batch
+from .errors import DarkconvError
+from .postprocess import Detections
 
 __all__ = ["EvalResult", "evaluate", "parse_ref", "detect_dataset"]
 
@@ -82,82 +79,40 @@ class EvalResult:
 
 # --------------------------------------------------------------------------- the detection loop
 def detect_dataset(runners, paths: Sequence, posts: Sequence[Sequence[tuple[float, float]]], *, batch: int = 1,
-                   letterbox=None, timings: dict | None = None, on_batch=None, check_size=None):
-    """Run ``paths`` through every runner; the next batches are decoded and preprocessed in one worker
-    thread (2 batches ahead) and the heads postprocessed in another while the current batch is inferred.
+                   letterbox=None, timings: dict | None = None, on_batch=None, check_size=None, workers=None):
+    """Run ``paths`` through every runner with :func:`darkconv.pipeline.stream_runs`: files are decoded and
+    preprocessed in worker threads while the previous batch is inferred, and postprocessed in another.
 
     ``posts[r]``: the (thresh, nms) settings the postprocessor applies to runner ``r``'s heads.
     Returns ``(sizes, out)`` with ``out[r][s]`` = one :class:`Detections` per image. ``check_size(i,
-    (w, h))`` may raise for an image whose size is not what the labels say. (Once
-    ``pipeline.stream_detect`` exists this is the one function to swap.)
+    (w, h))`` may raise for an image whose size is not what the labels say. An unreadable image (or a
+    failed batch) stops the run with its error.
     """
-    spec = runners[0].spec
-    lb = spec.letter_box if letterbox is None else bool(letterbox)
-    size = (spec.width, spec.height)
-    for r in runners[1:]:
-        if (r.spec.width, r.spec.height) != size:
-            raise DarkconvError(f"{r.describe()} takes {r.spec.width}x{r.spec.height} input, "
-                                f"{runners[0].describe()} {size[0]}x{size[1]}: they cannot share images")
+    from .pipeline import ImageFile, Timings, stream_runs
+
     t = timings if timings is not None else {}
-    for k in ("decode", "preprocess", "inference", "postprocess"):
-        t.setdefault(k, 0.0)
-    chunks = [list(paths[i:i + batch]) for i in range(0, len(paths), batch)]
-
-    def prepare(chunk):
-        t0 = time.perf_counter()
-        ims = load_images(chunk)
-        t1 = time.perf_counter()
-        for im in ims:
-            if isinstance(im, ImageError):
-                return im, None, t1 - t0, 0.0
-        x = preprocess_batch(ims, size, lb)
-        return None, (x, [(im.shape[1], im.shape[0]) for im in ims]), t1 - t0, time.perf_counter() - t1
-
-    def post(r, heads, sz):
-        t0 = time.perf_counter()
-        res = [postprocess(heads, runners[r].spec, sz, thresh=thr, nms=nms, letterbox=lb) for thr, nms in posts[r]]
-        return res, time.perf_counter() - t0
-
-    posted = []                       # futures of the postprocessing, in input order
-    sizes: list[tuple[int, int]] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkconv-eval-pre") as pool, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkconv-eval-post") as post_pool:
-        pending = deque(pool.submit(prepare, c) for c in chunks[:2])
-        nxt, waited = 2, 0
-        try:
-            while pending:
-                err, ready, t_dec, t_pre = pending.popleft().result()
-                if nxt < len(chunks):
-                    pending.append(pool.submit(prepare, chunks[nxt]))
-                    nxt += 1
-                if err is not None:
-                    raise err
-                x, sz = ready
-                t["decode"] += t_dec
-                t["preprocess"] += t_pre
-                if check_size:
-                    for k, s in enumerate(sz):
-                        check_size(len(sizes) + k, s)
-                for r, runner in enumerate(runners):
-                    t0 = time.perf_counter()
-                    heads = runner.infer(x)
-                    t["inference"] += time.perf_counter() - t0
-                    posted.append((r, post_pool.submit(post, r, heads, sz)))
-                while len(posted) - waited > 4 * len(runners):    # bounded: heads wait for at most 4 batches
-                    posted[waited][1].result()
-                    waited += 1
-                sizes += sz
-                if on_batch:
-                    on_batch(len(sz))
-        finally:
-            for f in pending:
-                f.cancel()
+    tm = Timings()
+    frames = (ImageFile(i, p) for i, p in enumerate(paths))
     out = [[[] for _ in p] for p in posts]
-    for r, f in posted:
-        res, dt = f.result()
-        t["postprocess"] += dt
-        for s, dets in enumerate(res):
-            out[r][s] += dets
+    sizes: list[tuple[int, int]] = []
+    runs = stream_runs(runners, frames, posts, batch=batch, letterbox=letterbox, timings=tm, workers=workers,
+                       on_batch=on_batch)
+    try:
+        for frame, res in runs:
+            if isinstance(res, BaseException):
+                raise res
+            wh = (frame.image.shape[1], frame.image.shape[0])
+            if check_size:
+                check_size(len(sizes), wh)
+            sizes.append(wh)
+            for r, per_post in enumerate(res):
+                for s, det in enumerate(per_post):
+                    out[r][s].append(det)
+            frame._image = None                  # the pixels are not needed any more
+    finally:
+        runs.close()
+        for k in ("decode", "preprocess", "inference", "postprocess"):
+            t[k] = t.get(k, 0.0) + getattr(tm, k)
     return sizes, out
 
 

@@ -29,16 +29,17 @@ from .errors import DarkconvError
 
 TEMP_MARK = ".darkconv-tmp-"
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname() or "host")[:40]
-_TEMP_RE = re.compile(r"^\..*" + re.escape(TEMP_MARK) + r"(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]+$")
+_TEMP_RE = re.compile(r"^\..*" + re.escape(TEMP_MARK) + r"(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]+"
+                      r"(?:\.[A-Za-z0-9]{1,8})?$")  # an optional extension: see AtomicFile
 _LIVE: set[str] = set()       # temp files this process is writing now (removed at exit if still there)
 _CLEANED: set[str] = set()    # folders already swept for stale temp files
 
 
-def temp_path(path: str | Path) -> Path:
-    """A fresh temp-file path beside ``path``: ``.NAME.darkconv-tmp-HOST-PID-RANDOM``."""
+def temp_path(path: str | Path, suffix: str = "") -> Path:
+    """A fresh temp-file path beside ``path``: ``.NAME.darkconv-tmp-HOST-PID-RANDOM`` (+ ``suffix``)."""
     p = Path(path)
     name = p.name if len(p.name.encode()) <= 150 else p.name[:100]  # stay below NAME_MAX
-    return p.parent / f".{name}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    return p.parent / f".{name}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
 
 
 def _kind(mode: int) -> str | None:
@@ -180,6 +181,43 @@ def atomic_write(path: str | Path, chunks) -> None:
         raise
     finally:
         _LIVE.discard(str(tmp))
+
+
+class AtomicFile:
+    """A file written over time (a stream of JSON entries, a video) in place of ``path``, then renamed into place.
+
+    ``tmp`` is a fresh temp path beside ``path``, ending in ``suffix`` (for writers that choose the format
+    from the extension, such as OpenCV's ``VideoWriter``); the writer creates and fills it. ``commit()``
+    fsyncs it and renames it over ``path``; ``discard()`` removes it. Until ``commit()``, ``path`` is
+    untouched; a temp file still there at exit is removed (like :func:`atomic_write`'s).
+    """
+
+    def __init__(self, path: str | Path, suffix: str = ""):
+        self.path = check_output_path(path, probe=False)
+        clean_stale_temps(self.path.parent)
+        self.tmp = temp_path(self.path, suffix)
+        _LIVE.add(str(self.tmp))
+        self.done = False
+
+    def commit(self) -> None:
+        try:
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            _refuse_special(self.path)
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.discard()
+            raise DarkconvError(f"cannot write: {e.strerror}", file=str(self.path)) from None
+        _LIVE.discard(str(self.tmp))
+        self.done = True
+        _fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+        _LIVE.discard(str(self.tmp))
 
 
 def sha256_file(path: str | Path | None) -> str | None:

@@ -83,7 +83,7 @@ def _flush() -> None:
         pass
 
 
-def _run(fn, solo: bool):
+def _run(fn, solo: bool, swallow: bool = False):
     with _cond:
         if solo:
             _state["solo_waiting"] += 1
@@ -113,6 +113,8 @@ def _run(fn, solo: bool):
             end = _size()
             alone = alone and _state["starts"] == ticket  # no other capture started while this one ran
             text = _read(start, end)
+            if swallow:  # solo: nothing else wrote meanwhile that would be lost
+                _state["forwarded"] = max(_state["forwarded"], end)
             _state["depth"] -= 1
             if _state["depth"] == 0:
                 _close_window()
@@ -133,3 +135,10 @@ def run_captured(fn):
         result, text, _ = _run(fn, solo=True)
         lines = [m.group(0).decode(errors="replace") for m in DECODER_LINE.finditer(text)]
     return result, lines
+
+
+def run_silenced(fn):
+    """``fn()`` alone with fd 2 captured and *not* passed on: returns (result, everything printed during the
+    call). For calls whose native chatter becomes part of a one-line error (FFmpeg opening a video)."""
+    result, text, _ = _run(fn, solo=True, swallow=True)
+    return result, text

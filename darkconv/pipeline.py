@@ -6,8 +6,10 @@ postprocessor, whatever the backend.
 """
 from __future__ import annotations
 
+import queue
 import shutil
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import numpy as np
 from .darknet.spec import ModelSpec
 from .errors import DarkconvError
 from .postprocess import Detections, postprocess
-from .preprocess import preprocess_batch
+from .preprocess import preprocess_batch, preprocess_into
 from .runners import canonical, runner_class
 
 DATA = Path(__file__).parent / "data"
@@ -271,3 +273,294 @@ def detect_arrays(runner, images: list[np.ndarray], *, thresh=0.25, nms=0.45, le
         timings.postprocess += t3 - t2
         timings.images += len(images)
     return dets
+
+
+# --------------------------------------------------------------------------- streaming
+def batch_limits(runner) -> tuple[int, int | None]:
+    """``(smallest, largest)`` batch an activated ``runner`` accepts (largest None = any).
+
+    A fixed-batch ONNX (``convert --batch 4``) accepts exactly its batch (``runner.fixed_batch``, read
+    from the session's input shape); an engine its profile's range (``runner.batch_range()``); a served
+    model at most its ``max_batch_size`` (``runner.max_batch``, 0 = no limit).
+    """
+    fixed = getattr(runner, "fixed_batch", None)
+    if isinstance(fixed, int) and fixed > 0:
+        return fixed, fixed
+    rng = getattr(runner, "batch_range", None)
+    if callable(rng):
+        lo, hi = rng()
+        return max(1, int(lo)), int(hi)
+    top = getattr(runner, "max_batch", None)
+    if isinstance(top, int) and top > 0:
+        return 1, top
+    return 1, None
+
+
+class _Failure:
+    """A stage's exception travelling down the queues in order (re-raised to the consumer)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def _put(q, item, stop) -> bool:
+    """Block until ``item`` is queued or ``stop`` is set (False then): no thread waits forever on a full queue."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q, stop):
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.05)
+        except queue.Empty:
+            continue
+    return _DONE
+
+
+def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnostic=False, max_det=None,
+                queue_size: int = 8, workers: int | None = None, timings: Timings | None = None,
+                pad_batch=None, on_batch=None):
+    """The engine behind :func:`stream_detect`, for several runners and postprocessing settings at once.
+
+    Every runner sees the same preprocessed batch; ``posts[r]`` lists the ``(thresh, nms)`` settings applied
+    to runner ``r``'s heads. Yields ``(frame, result)`` in input order, ``result`` being
+    ``out[r][s]`` = the :class:`Detections` of runner ``r`` under setting ``s``, or the exception that
+    stopped this frame (its preprocessing failed, or an :class:`InferenceError` in its batch).
+
+    Threads: a feeder pulls frames (so a decoding iterator runs ahead) and hands them to ``workers``
+    preprocessing threads, writing straight into the batch array; one thread runs inference; one
+    postprocesses. Queues hold at most ``queue_size`` frames per stage, so an endless source and a slow
+    consumer cost bounded memory. Closing the generator (or an exception, or Ctrl-C) stops and joins every
+    thread before it returns.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .errors import InferenceError
+
+    runners = list(runners)
+    spec = runners[0].spec
+    size = (spec.width, spec.height)
+    for r in runners[1:]:
+        if (r.spec.width, r.spec.height) != size:
+            raise DarkconvError(f"{r.describe()} takes {r.spec.width}x{r.spec.height} input, "
+                                f"{runners[0].describe()} {size[0]}x{size[1]}: they cannot share images")
+    lb = spec.letter_box if letterbox is None else bool(letterbox)
+    batch = int(batch)
+    if batch < 1:
+        raise DarkconvError(f"batch must be >= 1, not {batch}")
+    pads = []
+    for r in runners:
+        lo, hi = batch_limits(r)
+        if pad_batch is False or pad_batch == 0:
+            lo = 1
+        elif pad_batch not in (None, True):
+            lo = int(pad_batch)
+        if hi is not None and batch > hi:
+            raise DarkconvError(f"{r.describe()} takes at most {hi} image(s) per batch, got --batch {batch}: "
+                                f"use --batch {hi}" + (" (the last batch is padded)" if lo == hi else ""))
+        pads.append(max(lo, 1))
+    n_workers = max(1, int(workers if workers is not None else default_workers()))
+    per_stage = max(1, int(queue_size) // batch)
+    q_pre: queue.Queue = queue.Queue(per_stage)    # batches being preprocessed / ready, in order
+    q_post: queue.Queue = queue.Queue(per_stage)   # inferred batches waiting for postprocessing
+    q_out: queue.Queue = queue.Queue(per_stage)    # finished batches waiting for the consumer
+    spare: queue.SimpleQueue = queue.SimpleQueue()  # batch arrays back from inference, reused (no fresh pages)
+    stop = threading.Event()
+    lock = threading.Lock()
+    t = timings
+
+    def add(field_name, dt, images=0):
+        if t is not None:
+            with lock:
+                setattr(t, field_name, getattr(t, field_name) + dt)
+                t.images += images
+
+    def prep(x, i, frame):
+        t0 = time.perf_counter()
+        try:
+            im = frame.image                     # a lazy frame decodes its file here, in parallel with inference
+            t1 = time.perf_counter()
+            add("decode", t1 - t0)
+            preprocess_into(im, size, lb, x[i])
+            add("preprocess", time.perf_counter() - t1)
+        except (DarkconvError, ValueError) as e:  # this frame's image is not an image: its result is the error
+            return e
+        return (int(im.shape[1]), int(im.shape[0]))
+
+    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="darkconv-stream-pre")
+
+    def feeder():
+        it = iter(frames)
+        chunk = []
+        x = None
+        try:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    frame = next(it)
+                except StopIteration:
+                    break
+                add("decode", time.perf_counter() - t0)
+                if x is None:
+                    try:
+                        x = spare.get_nowait()
+                    except queue.Empty:
+                        x = np.empty((batch, 3, size[1], size[0]), np.float32)
+                chunk.append((frame, pool.submit(prep, x, len(chunk), frame)))
+                if len(chunk) == batch:
+                    if not _put(q_pre, (x, chunk), stop):
+                        return
+                    chunk, x = [], None
+            if chunk:
+                _put(q_pre, (x, chunk), stop)
+            _put(q_pre, _DONE, stop)
+        except BaseException as e:  # noqa: BLE001 - the source's own error reaches the consumer, in order
+            if chunk:
+                _put(q_pre, (x, chunk), stop)
+            _put(q_pre, _Failure(e), stop)
+
+    def inferer():
+        while True:
+            item = _get(q_pre, stop)
+            if item is _DONE or isinstance(item, _Failure):
+                _put(q_post, item, stop)
+                return
+            x, chunk = item
+            try:
+                prepped = [f.result() for _, f in chunk]
+                good = [k for k, p in enumerate(prepped) if not isinstance(p, BaseException)]
+                heads_all, failed = [], None
+                if good:
+                    xb = x[:len(chunk)] if len(good) == len(chunk) else x[good]
+                    n = len(good)
+                    t0 = time.perf_counter()
+                    try:
+                        for r, pad in zip(runners, pads):
+                            xr = xb
+                            if n < pad:  # a fixed-batch model: pad with copies of the last image, drop later
+                                xr = np.concatenate([xb, np.repeat(xb[-1:], pad - n, axis=0)])
+                            heads_all.append([h[:n] for h in r.infer(xr)])
+                    except InferenceError as e:
+                        failed = e
+                    add("inference", time.perf_counter() - t0, n)
+                spare.put(x)
+            except BaseException as e:  # noqa: BLE001
+                _put(q_post, _Failure(e), stop)
+                return
+            if not _put(q_post, (chunk, prepped, good, heads_all, failed), stop):
+                return
+
+    def poster():
+        while True:
+            item = _get(q_post, stop)
+            if item is _DONE or isinstance(item, _Failure):
+                _put(q_out, item, stop)
+                return
+            chunk, prepped, good, heads_all, failed = item
+            try:
+                t0 = time.perf_counter()
+                results = list(prepped)
+                if good and failed is None:
+                    sizes = [prepped[k] for k in good]
+                    per_run = [[postprocess(heads, r.spec, sizes, thresh=thr, nms=nm, letterbox=lb, agnostic=agnostic,
+                                            max_det=max_det) for thr, nm in p]
+                               for r, heads, p in zip(runners, heads_all, posts)]
+                    for j, k in enumerate(good):
+                        results[k] = [[dets[j] for dets in run] for run in per_run]
+                elif failed is not None:
+                    for k in good:
+                        results[k] = failed
+                add("postprocess", time.perf_counter() - t0)
+                out = [(frame, res) for (frame, _), res in zip(chunk, results)]
+            except BaseException as e:  # noqa: BLE001
+                _put(q_out, _Failure(e), stop)
+                return
+            if not _put(q_out, out, stop):
+                return
+
+    threads = [threading.Thread(target=fn, name=f"darkconv-stream-{fn.__name__}", daemon=True)
+               for fn in (feeder, inferer, poster)]
+    return _consume(threads, q_out, stop, pool, on_batch)
+
+
+def _consume(threads, q_out, stop, pool, on_batch):
+    for th in threads:
+        th.start()
+    try:
+        while True:
+            item = q_out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            if on_batch:
+                on_batch(len(item))
+            yield from item
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ImageFile:
+    """A frame of an image file decoded on first use of ``image`` (in a preprocessing thread of
+    :func:`stream_runs`); an unreadable file raises its :class:`~darkconv.errors.ImageError` there."""
+
+    __slots__ = ("index", "name", "path", "fps", "_image")
+
+    def __init__(self, index: int, path):
+        self.index, self.path, self.name, self.fps, self._image = index, Path(path), str(path), None, None
+
+    @property
+    def image(self) -> np.ndarray:
+        if self._image is None:
+            from .preprocess import load_image
+
+            self._image = load_image(self.path)
+        return self._image
+
+
+def default_workers() -> int:
+    """Preprocessing threads: one per core beyond the first, at least one."""
+    import os
+
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+def stream_detect(runner, frames, *, batch: int = 1, thresh: float = 0.25, nms: float = 0.45, letterbox=None,
+                  agnostic: bool = False, max_det=None, queue_size: int = 8, workers: int | None = None,
+                  timings: Timings | None = None, pad_batch=None):
+    """Detections for a stream of frames (anything with ``.image``, HxWx3 uint8 RGB, e.g.
+    :class:`darkconv.sources.Frame`), as ``(frame, Detections | Exception)`` in input order.
+
+    Decoding (the iterator), preprocessing (``workers`` threads), inference and postprocessing overlap,
+    with at most ``queue_size`` frames waiting per stage. A model with a fixed batch (an ONNX from
+    ``convert --batch 4``, an engine's smallest profile batch) gets its last partial batch padded with copies
+    of the last image; the padded results are dropped (``pad_batch``: None = as the model needs, an int =
+    pad every batch to that size, False = never). A frame whose image cannot be preprocessed, or whose batch
+    raised :class:`~darkconv.errors.InferenceError`, gets the exception instead of detections; the stream goes
+    on. Any other error stops the stream and is raised. Closing the generator stops and joins its threads.
+    """
+    runs = stream_runs([runner], frames, [[(thresh, nms)]], batch=batch, letterbox=letterbox, agnostic=agnostic,
+                       max_det=max_det, queue_size=queue_size, workers=workers, timings=timings, pad_batch=pad_batch)
+    return _first_run(runs)
+
+
+def _first_run(runs):
+    try:
+        for frame, res in runs:
+            yield frame, (res if isinstance(res, BaseException) else res[0][0])
+    finally:
+        runs.close()

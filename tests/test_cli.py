@@ -224,7 +224,7 @@ def test_fixed_batch_onnx_with_larger_batch_is_one_line(tmp_path, default_model)
     out = tmp_path / "f1.onnx"
     assert invoke("convert", default_model.cfg, default_model.weights, "--batch", "1", "-o", out).exit_code == 0
     r = invoke("detect", out, Path(darkconv.__file__).parent / "data", "--batch", "2")
-    assert_one_line_error(r, "fixed batch of 1", code=1)
+    assert_one_line_error(r, "takes at most 1 image(s) per batch, got --batch 2: use --batch 1", code=1)
 
 
 def test_bench_plot_must_be_png(default_onnx, tmp_path):

@@ -176,18 +176,21 @@ def test_cli_onnx_without_metadata(tmp_path, default_onnx):
     assert r.stderr.strip().count("\n") == 0 and "has no darkconv metadata" in r.stderr
 
 
-def test_annotated_images_with_the_same_name_do_not_overwrite(tmp_path, default_onnx):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
+def test_annotated_images_keep_their_format_and_same_names_do_not_overwrite(tmp_path, default_onnx):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a.mkdir(), b.mkdir(), c.mkdir()
     shutil.copy(DOG, a / "img.jpg")
-    shutil.copy(PERSON, b / "img.png")
     cv2.imwrite(str(b / "img.png"), cv2.imread(str(PERSON)))
+    shutil.copy(PERSON, c / "img.jpg")
     out = tmp_path / "pred"
     with open_runner(default_onnx, threads=2) as runner:
-        run_detect(runner, [a / "img.jpg", b / "img.png"], resolve_names(runner.spec), out_dir=out,
+        run_detect(runner, [a / "img.jpg", b / "img.png", c / "img.jpg"], resolve_names(runner.spec), out_dir=out,
                    echo=lambda *a: None)
-    assert sorted(p.name for p in out.iterdir()) == ["img-1.jpg", "img.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == ["img-1.jpg", "img.jpg", "img.png"]
+    assert (out / "img.png").read_bytes()[:4] == b"\x89PNG"  # a PNG stays a PNG (lossless)
+    assert (out / "img.jpg").read_bytes()[:2] == b"\xff\xd8"
     assert cv2.imread(str(out / "img.jpg")).shape[:2] == (576, 768)
+    assert cv2.imread(str(out / "img.png")).shape[:2] == (424, 640)
     assert cv2.imread(str(out / "img-1.jpg")).shape[:2] == (424, 640)
 
 

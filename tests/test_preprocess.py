@@ -231,6 +231,52 @@ def test_preprocess_batch():
         pp.preprocess(np.zeros((4, 4, 3), np.float32), (8, 8))
 
 
+def ref_to_float(rgb_u8: np.ndarray) -> np.ndarray:
+    """``mat_to_image`` vectorised (the same float32 division as :func:`ref_mat_to_image`)."""
+    return rgb_u8.transpose(2, 0, 1).astype(F) / F(255.0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_preprocess_u8_fast_path_random_sizes(seed):
+    """The uint8 fast path (table lookup, gathered columns/rows, scratch buffers) against the transcription,
+    stretch and letterbox, on random sizes: up, down, one pixel wide/high, equal in one axis."""
+    rng = np.random.default_rng(100 + seed)
+    iw, ih = (int(v) for v in rng.integers(1, 90, 2))
+    w, h = (int(v) for v in rng.integers(1, 70, 2))
+    if seed == 0:
+        iw, w = 31, 31                      # equal widths
+    if seed == 1:
+        ih, h = 17, 17                      # equal heights
+    if seed == 2:
+        iw, ih = 1, 1
+    img = rng.integers(0, 256, size=(ih, iw, 3), dtype=np.uint8)
+    im = ref_to_float(img)
+    # the per-pixel transcription divides by (w-1), (h-1): undefined in C for 1-pixel outputs
+    w, h = max(w, 2), max(h, 2)
+    np.testing.assert_array_equal(pp.preprocess(img, (w, h)), ref_resize_image_by_column(im, w, h))
+    np.testing.assert_array_equal(pp.preprocess(img, (w, h), letterbox=True),
+                                  ref_letterbox_image(im, w, h, resize=ref_resize_image_by_column))
+    # scratch reuse: a second, different image through the same buffers gives its own result
+    img2 = rng.integers(0, 256, size=(ih, iw, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(pp.preprocess(img2, (w, h)), ref_resize_image_by_column(ref_to_float(img2), w, h))
+
+
+@pytest.mark.parametrize("src", [(768, 576), (640, 424), (500, 500), (300, 900), (1000, 333), (416, 416),
+                                 (416, 300), (200, 416)])
+def test_preprocess_u8_network_sizes(src):
+    """Photo sizes -> 416x416, stretch and letterbox (embedded into a strided canvas view), bit for bit."""
+    rng = np.random.default_rng(src[0] + 7 * src[1])
+    img = rng.integers(0, 256, size=(src[1], src[0], 3), dtype=np.uint8)
+    im = ref_to_float(img)
+    np.testing.assert_array_equal(pp.preprocess(img, (416, 416)), ref_resize_image_by_column(im, 416, 416))
+    np.testing.assert_array_equal(pp.preprocess(img, (416, 416), letterbox=True),
+                                  ref_letterbox_image(im, 416, 416, resize=ref_resize_image_by_column))
+    out = np.full((2, 3, 416, 416), np.nan, F)             # into one slot of a batch: every value written
+    pp.preprocess_into(img, (416, 416), True, out[1])
+    np.testing.assert_array_equal(out[1], pp.preprocess(img, (416, 416), letterbox=True))
+    assert np.isnan(out[0]).all()
+
+
 # ----------------------------------------------------------------------------- loading
 def test_load_image_rgb(tmp_path):
     import cv2

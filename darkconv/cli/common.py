@@ -128,16 +128,20 @@ def progress(**kw):
     return functools.partial(tqdm, file=sys.stderr, disable=None, dynamic_ncols=True, **kw)
 
 
-def parse_size(value):
+def parse_size(value, option: str = "--size"):
+    """'WxH' or 'N' -> (w, h), both positive multiples of 32; a bad value names ``option`` and the form."""
     if value is None:
         return None, None
     try:
         w, _, h = value.lower().partition("x")
         w, h = int(w), int(h or w)
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected WxH, e.g. 416x416") from None
+        raise click.BadParameter(f"{value!r}: expected WxH (or one number for a square), e.g. 416x416 or 608",
+                                 param_hint=f"'{option}'") from None
     if w % 32 or h % 32 or w <= 0 or h <= 0:
-        raise click.BadParameter(f"{value!r}: width and height must be positive multiples of 32")
+        raise click.BadParameter(f"{value!r}: width and height must be positive multiples of 32 (WxH, e.g. "
+                                 f"{max(32, round(w / 32) * 32)}x{max(32, round(h / 32) * 32)})",
+                                 param_hint=f"'{option}'")
     return w, h
 
 

@@ -1,0 +1,206 @@
+"""darkconv.pipeline.stream_detect: order, bounded queues, padding of fixed batches, errors, shutdown.
+
+The runner is the real yolov3-tiny on onnxruntime; the reference for every detection is the plain
+sequential path (``detect_arrays``, one image at a time).
+"""
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from darkconv.errors import DarkconvError, InferenceError
+from darkconv.pipeline import Timings, batch_limits, detect_arrays, open_runner, stream_detect
+
+
+@dataclass
+class Frame:
+    """What stream_detect needs of darkconv.sources.Frame: index, name, image (HxWx3 uint8 RGB)."""
+
+    index: int
+    name: str
+    image: np.ndarray
+
+
+class SlowFrame(Frame):
+    """A frame whose image takes a random time to arrive (read in a preprocessing worker): later frames
+    often finish preprocessing before earlier ones."""
+
+    @property
+    def image(self):
+        time.sleep(random.uniform(0, 0.02))
+        return self._image
+
+    @image.setter
+    def image(self, value):
+        self._image = value
+
+
+def stream_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("darkconv-stream")]
+
+
+def same(a, b):
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.class_ids, b.class_ids)
+
+
+@pytest.fixture(scope="module")
+def runner(default_onnx):
+    with open_runner(default_onnx, threads=1) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def images(sample_images):
+    """The sample images and a few crops of them (varied sizes, including a tiny one)."""
+    _, ims = sample_images
+    crops = [ims[0][:97, :301], ims[1][50:, 13:], ims[2][:40, :40]]
+    return list(ims) + crops
+
+
+@pytest.fixture(scope="module")
+def reference(runner, images):
+    return [detect_arrays(runner, [im])[0] for im in images]
+
+
+def test_results_in_input_order_and_equal_to_sequential(runner, images, reference):
+    random.seed(3)
+    frames = [SlowFrame(i, f"f{i}", im) for i, im in enumerate(images)] * 2
+    timings = Timings()
+    out = list(stream_detect(runner, iter(frames), batch=3, workers=3, timings=timings))
+    assert [f.index for f, _ in out] == [f.index for f in frames]
+    for (f, det) in out:
+        assert not isinstance(det, BaseException), det
+        same(det, reference[f.index])
+    assert timings.images == len(frames) and timings.inference > 0 and timings.preprocess > 0
+    assert not stream_threads()
+
+
+def test_bounded_with_endless_source_and_slow_consumer(runner, images):
+    pulled = []
+
+    def endless():
+        i = 0
+        while True:
+            pulled.append(i)
+            yield Frame(i, str(i), images[i % 3][:64, :80])
+            i += 1
+
+    gen = stream_detect(runner, endless(), batch=2, queue_size=4, workers=2)
+    seen = 0
+    for frame, det in gen:
+        assert frame.index == seen and not isinstance(det, BaseException)
+        seen += 1
+        time.sleep(0.05)          # a slow consumer: the stages must stop pulling frames
+        if seen == 12:
+            break
+    ahead = len(pulled) - seen
+    gen.close()
+    # per stage at most queue_size frames, plus one batch in each of the three threads and one being built
+    assert ahead <= 3 * 4 + 4 * 2, ahead
+    assert not stream_threads()
+    n = len(pulled)
+    time.sleep(0.1)
+    assert len(pulled) == n       # nothing runs after close()
+
+
+def test_fixed_batch_onnx_pads_the_last_batch(default_torch_model, images, reference, tmp_path):
+    from darkconv.export.onnx import export_onnx
+
+    path = export_onnx(default_torch_model, tmp_path / "b4.onnx", batch=4)     # = convert --batch 4
+    five = images[:5]
+    with open_runner(path, threads=1) as r4:
+        assert batch_limits(r4) == (4, 4)
+        with pytest.raises(DarkconvError, match="fixed batch of 4"):       # what the padding avoids
+            r4.infer(np.zeros((1, 3, 416, 416), np.float32))
+        out = list(stream_detect(r4, [Frame(i, str(i), im) for i, im in enumerate(five)], batch=4))
+        with pytest.raises(DarkconvError, match="at most 4"):
+            stream_detect(r4, [], batch=8)
+    assert [f.index for f, _ in out] == [0, 1, 2, 3, 4]                     # padding dropped
+    for f, det in out:
+        same(det, reference[f.index])
+
+
+class FailingRunner:
+    """The real runner, except that the calls numbered in ``fail`` raise InferenceError (a server that died)."""
+
+    def __init__(self, runner, fail):
+        self.runner, self.fail, self.calls = runner, set(fail), 0
+        self.spec = runner.spec
+
+    def describe(self):
+        return "failing"
+
+    def infer(self, batch):
+        self.calls += 1
+        if self.calls in self.fail:
+            raise InferenceError("the server went away")
+        return self.runner.infer(batch)
+
+
+def test_inference_error_fails_its_batch_only(runner, images, reference):
+    frames = [Frame(i, str(i), im) for i, im in enumerate(images)]          # 8 frames, batches of 3
+    out = list(stream_detect(FailingRunner(runner, fail={2}), frames, batch=3))
+    assert [f.index for f, _ in out] == list(range(len(images)))
+    for f, det in out:
+        if f.index in (3, 4, 5):
+            assert isinstance(det, InferenceError)
+        else:
+            same(det, reference[f.index])
+
+
+def test_bad_frame_gets_its_error_and_source_error_is_raised_in_order(runner, images, reference):
+    frames = [Frame(0, "a", images[0]), Frame(1, "bad", np.zeros((5, 5), np.float32)), Frame(2, "c", images[1])]
+    out = list(stream_detect(runner, frames, batch=2))
+    assert isinstance(out[1][1], ValueError)
+    same(out[0][1], reference[0])
+    same(out[2][1], reference[1])
+
+    def broken():
+        yield Frame(0, "a", images[0])
+        yield Frame(1, "b", images[1])
+        raise OSError("the camera went away")
+
+    got = []
+    with pytest.raises(OSError, match="camera"):
+        for f, det in stream_detect(runner, broken(), batch=1):
+            got.append(f.index)
+    assert got == [0, 1]
+    assert not stream_threads()
+
+
+def test_close_mid_stream_and_ctrl_c_join_every_thread(runner, images):
+    frames = [Frame(i, str(i), images[i % len(images)]) for i in range(40)]
+    gen = stream_detect(runner, iter(frames), batch=2, workers=2)
+    assert next(gen)[0].index == 0
+    assert next(gen)[0].index == 1
+    assert stream_threads()
+    gen.close()
+    assert not stream_threads()
+
+    class Slow:
+        spec = runner.spec
+
+        def describe(self):
+            return "slow"
+
+        def infer(self, batch):
+            time.sleep(0.3)
+            return runner.infer(batch)
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)   # also when started with SIGINT ignored
+    try:
+        threading.Timer(0.5, lambda: __import__("_thread").interrupt_main()).start()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in stream_detect(Slow(), iter(frames), batch=1):
+                pass
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert not stream_threads()
