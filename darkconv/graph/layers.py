@@ -461,9 +461,12 @@ class Shortcut(DarknetModule):
     An input with other channel counts adds to the leading channels only.
     """
 
-    def __init__(self, n_from, channels, weights_type, normalization, act):
+    def __init__(self, n_from, channels, weights_type, normalization, act, from_channels):
         super().__init__()
         self.weights_type, self.normalization, self.act = weights_type, normalization, act
+        # static channel counts (Python ints): tracing emits constant Slices, no Shape/Gather in ONNX
+        self.channels = channels
+        self.from_channels = tuple(from_channels)
         if weights_type == "per_feature":
             self.weights = nn.Parameter(torch.ones(n_from + 1, 1))
         elif weights_type == "per_channel":
@@ -488,12 +491,12 @@ class Shortcut(DarknetModule):
         return w
 
     def forward(self, x, *adds):
-        c = x.shape[1]
+        c = self.channels
         w = None if self.weights is None else self._norm_weights().to(x.dtype).view(-1, 1, self.weights.shape[1], 1, 1)[:, :, :c]
         out = x if w is None else x * w[0]
-        for i, a in enumerate(adds):
-            ca = min(c, a.shape[1])
-            a = a if ca == a.shape[1] else a[:, :ca]
+        for i, (a, c_from) in enumerate(zip(adds, self.from_channels)):
+            ca = min(c, c_from)
+            a = a if ca == c_from else a[:, :ca]
             term = a if w is None else a * w[i + 1][:, :ca]
             out = out + term if ca == c else torch.cat([out[:, :ca] + term, out[:, ca:]], 1)
         return self.act(out)
@@ -522,7 +525,9 @@ def build_shortcut(s, ctx: BuildContext) -> Built:
         wn = "none"  # no weights, nothing to normalize
     act = _elementwise_activation(s, supported=("swish", "mish"))
     params = {"none": 0, "per_feature": len(idx) + 1, "per_channel": (len(idx) + 1) * c}[wt]
-    return Built(lambda init: Shortcut(len(idx), c, wt, wn, act), (c, h, w), inputs=(ctx.index - 1,) + idx,
+    from_channels = tuple(ctx.shape_of(i)[0] for i in idx)
+    return Built(lambda init: Shortcut(len(idx), c, wt, wn, act, from_channels), (c, h, w),
+                 inputs=(ctx.index - 1,) + idx,
                  params=params, key="weights_type")
 
 
