@@ -174,6 +174,8 @@ class DarknetModel(nn.Module):
                 c = layer.conv
                 y = torch.nn.functional.conv2d(args[0], c.weight, None, c.stride, c.padding, c.dilation, c.groups)
                 mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3)) + 1e-3
+                if y[:, :1].numel() < 2:  # one value per channel (a 1x1 map, batch 1): no spread to measure
+                    std = torch.ones_like(mean)
                 if layer.bn:
                     jitter = torch.rand(mean.shape, generator=g) * 0.2 + 0.9
                     layer.rolling_mean.copy_(mean)
