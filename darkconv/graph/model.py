@@ -29,7 +29,7 @@ def plan_network(cfg: Cfg, input_shape) -> tuple[list[Built], list]:
     Returns one :class:`Built` per layer section and the head specs, in cfg order.
     """
     ctx = BuildContext(cfg.net, 0, [], tuple(input_shape))
-    plan, heads = [], []
+    plan, heads = ctx.built, []
     for s in cfg.layers:
         ctx.index = s.index
         builder = BUILDERS.get(s.type)
@@ -86,7 +86,12 @@ class DarknetModel(nn.Module):
         self.sections = cfg.layers
         plan, heads = plan_network(cfg, (c, h, w))
         self.memory = memory.check(cfg, plan, (c, h, w), limits)  # before any allocation
-        self.layers = nn.ModuleList([b.make(init) for b in plan])
+        layers = []
+        for b in plan:
+            layers.append(b.make(init))
+            if b.share is not None:  # share_index: this layer computes with another's parameters
+                layers[-1].share_parameters(layers[b.share])
+        self.layers = nn.ModuleList(layers)
         self.inputs = [b.inputs if b.inputs is not None else (s.index - 1,) for s, b in zip(cfg.layers, plan)]
         self.shapes = [b.shape for b in plan]
         self.head_layers = [hd.layer for hd in heads]
@@ -170,7 +175,7 @@ class DarknetModel(nn.Module):
         outs = {-1: x}
         for i, layer in enumerate(self.layers):
             args = [outs[j] for j in self.inputs[i]]
-            if isinstance(layer, Convolutional):
+            if isinstance(layer, Convolutional) and layer.shares is None:  # a sharer's statistics are its owner's
                 c = layer.conv
                 y = torch.nn.functional.conv2d(args[0], c.weight, None, c.stride, c.padding, c.dilation, c.groups)
                 mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3)) + 1e-3
