@@ -139,8 +139,9 @@ def test_loads_with_random_weights(zoo):
     m = zoo.model
     assert zoo.weights.stat().st_size == 20 + 4 * darknet_float_count(zoo.cfg, m)
     assert len(zoo.ref32) == len(m.spec.heads) == sum(s.type == "yolo" for s in m.sections)
-    for r, hd in zip(zoo.ref64, m.spec.heads):
-        assert r.shape == (1, hd.channels, *hd.grid)
+    yolo = [s for s in parse_cfg(zoo.cfg).layers if s.type == "yolo"]  # masks and classes as the cfg states them
+    for r, hd, s in zip(zoo.ref64, m.spec.heads, yolo):
+        assert r.shape == (1, len(s.str("mask").split(",")) * (5 + s.int("classes")), *hd.grid)
         assert 0.2 < np.abs(r).max() < 1e3 and r.std() > 0.02
 
 
