@@ -1,22 +1,24 @@
 """TensorRT export and runner.
 
-TensorRT cannot be installed on the project's machines, so most of this file
-drives the real code against a fake ``tensorrt`` module and a fake cuda-python
-runtime (host memory standing in for device memory) that record every call:
-that proves the builder and runner follow the TensorRT 10.x/11.x API. The tests
-at the end build and run real engines and skip where TensorRT or a GPU is absent.
+TensorRT cannot be installed on the project's machines, so most of this file drives the real code
+against tests/fake_trt: strict fakes of the ``tensorrt`` module of three real releases (10.0.1,
+10.13.3.9, 11.4.0.106: names and enum values read from the real bindings, tests/data/trt_symbols.json)
+and of cuda-python's runtime, whose copies and kernels complete only at a stream synchronize. The
+engine computes the ONNX on ONNX Runtime, so every output is checked against ONNX Runtime itself.
+scripts/trt_mutations.py (run by test_mutations_are_caught) checks that bugs in the runner and
+builder make these tests fail. The tests at the end build and run real engines and skip where
+TensorRT or a GPU is absent.
 """
 from __future__ import annotations
 
-import ctypes
-import enum
+import ast
 import importlib
 import json
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from darkconv.darknet.spec import HeadSpec, ModelSpec
@@ -24,6 +26,8 @@ from darkconv.errors import BackendUnavailable, DarkconvError, ExportError, Mode
 from darkconv.export.tensorrt import (build_engine, check_sidecar, gpu_info, make_sidecar, read_sidecar,
                                       sidecar_path, trt_available, write_sidecar)
 from darkconv.runners.tensorrt import TensorRTRunner
+from fake_trt import (TRT_VERSIONS, FakeCudart, install_cudart, install_tensorrt, make_tensorrt, symbols,
+                      tiny_onnx)
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = "NVIDIA H100 80GB HBM3"
@@ -38,359 +42,41 @@ def small_spec() -> ModelSpec:
     return ModelSpec(64, 32, 3, False, heads, ("cat", "dog"), {})
 
 
-# -- fake cuda-python ---------------------------------------------------------------------
-class FakeCudart(types.ModuleType):
-    """cuda.bindings.runtime on host memory: every call returns (err, *values) like the real one."""
-
-    class cudaError_t(enum.IntEnum):
-        cudaSuccess = 0
-        cudaErrorMemoryAllocation = 2
-        cudaErrorInsufficientDriver = 35
-        cudaErrorNoDevice = 100
-
-    class cudaMemcpyKind(enum.IntEnum):
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
-
-    def __init__(self, count=1, count_err=0):
-        super().__init__("cuda.bindings.runtime")
-        self.count, self.count_err = count, count_err
-        self.device_mem: dict[int, object] = {}
-        self.host_mem: dict[int, object] = {}
-        self.streams: set[int] = set()
-        self.calls: list[tuple] = []
-        self.fail_malloc = False
-
-    def _ok(self, *values):
-        return (self.cudaError_t.cudaSuccess, *values)
-
-    def cudaGetErrorString(self, err):
-        return self._ok(f"fake error {int(err)}".encode())
-
-    def cudaGetDeviceCount(self):
-        return (self.cudaError_t(self.count_err), self.count if self.count_err == 0 else 0)
-
-    def cudaGetDeviceProperties(self, dev):
-        return self._ok(types.SimpleNamespace(name=GPU.encode() + b"\x00\x00", major=9, minor=0))
-
-    def cudaStreamCreate(self):
-        s = 1000 + len(self.streams) + 1
-        self.streams.add(s)
-        self.calls.append(("cudaStreamCreate", s))
-        return self._ok(s)
-
-    def cudaStreamDestroy(self, s):
-        self.streams.discard(int(s))
-        return self._ok()
-
-    def cudaStreamSynchronize(self, s):
-        self.calls.append(("cudaStreamSynchronize", int(s)))
-        return self._ok()
-
-    def _alloc(self, table, n):
-        if self.fail_malloc:
-            return (self.cudaError_t.cudaErrorMemoryAllocation, 0)
-        buf = ctypes.create_string_buffer(int(n))
-        table[ctypes.addressof(buf)] = buf
-        return self._ok(ctypes.addressof(buf))
-
-    def cudaMalloc(self, n):
-        self.calls.append(("cudaMalloc", n))
-        return self._alloc(self.device_mem, n)
-
-    def cudaMallocHost(self, n):
-        self.calls.append(("cudaMallocHost", n))
-        return self._alloc(self.host_mem, n)
-
-    def cudaFree(self, p):
-        self.device_mem.pop(int(p))
-        return self._ok()
-
-    def cudaFreeHost(self, p):
-        self.host_mem.pop(int(p))
-        return self._ok()
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        table_dst, table_src = ((self.device_mem, self.host_mem) if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice
-                                else (self.host_mem, self.device_mem))
-        assert any(a <= dst and dst + n <= a + len(b) for a, b in table_dst.items()), "dst out of bounds"
-        assert any(a <= src and src + n <= a + len(b) for a, b in table_src.items()), "src out of bounds"
-        assert int(stream) in self.streams
-        ctypes.memmove(dst, src, n)
-        self.calls.append(("cudaMemcpyAsync", int(kind), n))
-        return self._ok()
-
-
-def install_cudart(monkeypatch, cudart: FakeCudart | None):
-    if cudart is None:  # simulate: cuda-python not installed
-        for m in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
-            monkeypatch.setitem(sys.modules, m, None)
-        return
-    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
-    cuda.bindings, bindings.runtime = bindings, cudart
-    monkeypatch.setitem(sys.modules, "cuda", cuda)
-    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
-
-
-# -- fake tensorrt ----------------------------------------------------------------------------
-class FakeTensor:
-    def __init__(self, name, shape):
-        self.name, self.shape = name, tuple(shape)
-
-
-class FakeError:
-    def __init__(self, node, op, desc):
-        self._n, self._op, self._d = node, op, desc
-
-    def node_name(self):
-        return self._n
-
-    def node_operator(self):
-        return self._op
-
-    def desc(self):
-        return self._d
-
-
-def make_fake_trt(*, strongly_typed=True, parse_errors=(), build_ok=True, input_shape=(-1, 3, 32, 64),
-                  cache_ok=True, version=TRT_VERSION):
-    """A minimal ``tensorrt`` module recording builder calls in ``trt.log``."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    log: list[tuple] = []
-    trt.log = log
-
-    class Logger:
-        WARNING, INFO, ERROR = 2, 3, 1
-
-        def __init__(self, level=2):
-            log.append(("Logger", level))
-
-    class NetworkDefinitionCreationFlag:
-        pass
-
-    if strongly_typed:
-        NetworkDefinitionCreationFlag.STRONGLY_TYPED = 2
-
-    class MemoryPoolType:
-        WORKSPACE = "WORKSPACE"
-
-    class Network:
-        def __init__(self, flags):
-            self.flags = flags
-            self.inputs = []
-
-        @property
-        def num_inputs(self):
-            return len(self.inputs)
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network = network
-            self.errors = [FakeError(*e) for e in parse_errors]
-
-        def parse_from_file(self, path):
-            log.append(("parse_from_file", path))
-            if not self.errors:
-                self.network.inputs = [FakeTensor("images", input_shape)]
-            return not self.errors
-
-        @property
-        def num_errors(self):
-            return len(self.errors)
-
-        def get_error(self, i):
-            return self.errors[i]
-
-    class Profile:
-        def set_shape(self, name, lo, opt, hi):
-            log.append(("set_shape", name, tuple(lo), tuple(opt), tuple(hi)))
-
-    class TimingCache:
-        def __init__(self, blob):
-            self.blob = bytes(blob)
-
-        def serialize(self):
-            return self.blob + b"+tuned"
-
-    class Config:
-        cache = None
-
-        def set_memory_pool_limit(self, pool, n):
-            log.append(("set_memory_pool_limit", pool, n))
-
-        def add_optimization_profile(self, p):
-            log.append(("add_optimization_profile",))
-            return 0
-
-        def create_timing_cache(self, blob):
-            log.append(("create_timing_cache", bytes(blob)))
-            return TimingCache(blob)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            log.append(("set_timing_cache", cache.blob, ignore_mismatch))
-            self.cache = cache
-            return cache_ok or cache.blob == b""
-
-        def get_timing_cache(self):
-            log.append(("get_timing_cache",))
-            return self.cache
-
-    class Builder:
-        def __init__(self, logger):
-            log.append(("Builder",))
-
-        def create_network(self, flags=0):
-            log.append(("create_network", flags))
-            return Network(flags)
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            log.append(("build_serialized_network",))
-            return b"ENGINE-BYTES" if build_ok else None
-
-    trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
-    trt.NetworkDefinitionCreationFlag, trt.MemoryPoolType = NetworkDefinitionCreationFlag, MemoryPoolType
-    add_fake_runtime(trt)
-    return trt
-
-
-def add_fake_runtime(trt):
-    """Runtime side: an engine whose heads are head_<layer>[n, c, y, x] = mean(input[n]) * (c + 1) + y - x."""
-    log = trt.log
-
-    class TensorIOMode(enum.Enum):
-        INPUT = 1
-        OUTPUT = 2
-
-    class DataType(enum.Enum):
-        FLOAT = np.float32
-        HALF = np.float16
-
-    def nptype(dt):
-        return dt.value
-
-    class Engine:
-        def __init__(self, spec, profile, io_dtype):
-            c, h, w = spec.channels, spec.height, spec.width
-            self.spec, self.profile, self.dtype = spec, profile, io_dtype
-            # outputs deliberately listed in reverse cfg order: the runner must map by name
-            self.tensors = {"images": (-1, c, h, w)}
-            for hd in reversed(spec.heads):
-                self.tensors[f"head_{hd.layer}"] = (-1, hd.channels, *hd.grid)
-            self.names = list(self.tensors)
-
-        @property
-        def num_io_tensors(self):
-            return len(self.names)
-
-        def get_tensor_name(self, i):
-            return self.names[i]
-
-        def get_tensor_mode(self, name):
-            return TensorIOMode.INPUT if name == "images" else TensorIOMode.OUTPUT
-
-        def get_tensor_dtype(self, name):
-            return self.dtype
-
-        def get_tensor_shape(self, name):
-            return self.tensors[name]
-
-        def get_tensor_profile_shape(self, name, index):
-            assert name == "images" and index == 0
-            return [(b, *self.tensors["images"][1:]) for b in self.profile]
-
-        def create_execution_context(self):
-            return Context(self)
-
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.batch, self.addr = engine, None, {}
-
-        def set_input_shape(self, name, shape):
-            log.append(("set_input_shape", name, tuple(shape)))
-            lo, _, hi = self.engine.profile
-            if not lo <= shape[0] <= hi:
-                return False
-            self.batch = shape[0]
-            return True
-
-        def get_tensor_shape(self, name):
-            return (self.batch, *self.engine.tensors[name][1:])
-
-        def set_tensor_address(self, name, ptr):
-            self.addr[name] = ptr
-            return True
-
-        def _array(self, name):
-            shape = self.get_tensor_shape(name)
-            n = int(np.prod(shape)) * np.dtype(self.engine.dtype.value).itemsize
-            raw = (ctypes.c_byte * n).from_address(self.addr[name])
-            return np.frombuffer(raw, dtype=self.engine.dtype.value).reshape(shape)
-
-        def execute_async_v3(self, stream_handle):
-            assert isinstance(stream_handle, int)
-            log.append(("execute_async_v3", stream_handle))
-            x = self._array("images").astype(np.float32)
-            mean = x.reshape(x.shape[0], -1).mean(axis=1)
-            for name in self.engine.names[1:]:
-                out = self._array(name)
-                _, c, h, w = out.shape
-                val = (mean[:, None, None, None] * (np.arange(c)[None, :, None, None] + 1)
-                       + np.arange(h)[None, None, :, None] - np.arange(w)[None, None, None, :])
-                out[...] = val
-            return True
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            log.append(("deserialize_cuda_engine", bytes(data)))
-            return trt.engine_factory(data)
-
-    trt.TensorIOMode, trt.DataType, trt.nptype, trt.Runtime = TensorIOMode, DataType, nptype, Runtime
-    trt.Engine = Engine
-    trt.engine_factory = lambda data: Engine(small_spec(), (1, 2, 4), DataType.FLOAT)
-
-
-def expected_heads(spec, x):
-    mean = x.reshape(x.shape[0], -1).mean(axis=1)
-    outs = []
-    for hd in spec.heads:
-        c, (h, w) = hd.channels, hd.grid
-        outs.append(mean[:, None, None, None] * (np.arange(c)[None, :, None, None] + 1)
-                    + np.arange(h)[None, None, :, None] - np.arange(w)[None, None, None, :])
-    return outs
+def real_enum(version, enum, member):
+    """A value straight from the real bindings' table (not from the fake)."""
+    return symbols.table()["tensorrt"][version]["enums"][enum][member]
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    """Install fake tensorrt + cuda-python; returns a function to swap the tensorrt flavour."""
-    cudart = FakeCudart()
-    install_cudart(monkeypatch, cudart)
-
-    def use(**kw):
-        trt = make_fake_trt(**kw)
-        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    """fake(version=..., **cudart_kw) installs a fake tensorrt of that version + a fake cudart."""
+    def use(version=TRT_VERSION, gpu_ok=True, **kw):
+        cudart = FakeCudart(**kw)
+        install_cudart(monkeypatch, cudart)
+        trt = make_tensorrt(version, cudart, gpu_ok=gpu_ok)
+        install_tensorrt(monkeypatch, trt)
         return trt, cudart
     return use
 
 
+def write_onnx(path, model):
+    onnx.save(model, str(path))
+    return path
+
+
 @pytest.fixture
 def onnx_file(tmp_path):
-    p = tmp_path / "model.onnx"
-    p.write_bytes(b"not really onnx")
-    return p
+    return write_onnx(tmp_path / "model.onnx", tiny_onnx(small_spec()))
+
+
+def ort_heads(onnx_path, x, spec=None):
+    """Reference: ONNX Runtime on the same ONNX, outputs in spec.heads order."""
+    import onnxruntime as ort
+    spec = spec or small_spec()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [f"head_{h.layer}" for h in spec.heads]
+    dtype = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
+    return [o.astype(np.float32) for o in sess.run(names, {"images": x.astype(dtype)})]
 
 
 # -- import hygiene / absence ---------------------------------------------------------------
@@ -404,10 +90,10 @@ def test_modules_import_without_tensorrt(monkeypatch):
     assert runner_class("trt").__name__ == "TensorRTRunner"
 
 
-def test_trt_available(monkeypatch):
+def test_trt_available(monkeypatch, fake):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     assert trt_available() is None
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(version="11.4.0.106"))
+    fake("11.4.0.106")
     assert trt_available() == "11.4.0.106"
 
 
@@ -427,23 +113,50 @@ def test_runner_without_tensorrt(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_runner_without_cuda_python(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+def test_runner_without_cuda_python(monkeypatch, tmp_path, fake):
+    fake()
     install_cudart(monkeypatch, None)
     with pytest.raises(BackendUnavailable, match=r"cuda-python.*pip install 'darkconv\[trt\]'"):
         TensorRTRunner(tmp_path / "m.engine").activate()
 
 
-def test_no_gpu_is_backend_unavailable(monkeypatch, tmp_path, onnx_file):
+def test_no_gpu_is_backend_unavailable(fake, tmp_path, onnx_file):
     """cuda-python present but no driver (what this machine reports), or no device at all."""
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
-    install_cudart(monkeypatch, FakeCudart(count_err=35))
+    fake(count_err="cudaErrorInsufficientDriver")
     with pytest.raises(BackendUnavailable, match="cudaErrorInsufficientDriver"):
         build_engine(onnx_file, tmp_path / "m.engine", small_spec(), "fp32", log=None)
-    install_cudart(monkeypatch, FakeCudart(count=0))
+    fake(count=0)
     with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
         gpu_info()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_builder_creation_failure_is_backend_unavailable(fake, tmp_path, onnx_file):
+    fake(gpu_ok=False)  # pybind raises TypeError when createInferBuilder returns nullptr
+    with pytest.raises(BackendUnavailable, match="could not create a builder"):
+        build_engine(onnx_file, tmp_path / "m.engine", small_spec(), "fp32", log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_real_cuda_python_without_gpu(monkeypatch):
+    """With the real cuda-python (where installed) on a machine without a GPU driver: one clear error."""
+    runtime = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed")
+    err, _count = runtime.cudaGetDeviceCount()
+    if int(err) == 0:
+        pytest.skip("this machine has a CUDA driver: the no-GPU error cannot occur")
+    with pytest.raises(BackendUnavailable, match=f"cudaGetDeviceCount returned {err.name}"):
+        gpu_info()
+
+
+@pytest.mark.parametrize("version", symbols.CUDA_VERSIONS)
+def test_fake_cudart_no_driver_matches_real_cuda_bindings(version):
+    """What the real cuda-bindings wheels return on this GPU-less machine (recorded by the extraction
+    script) is what the fake returns, so gpu_info's handling of it is tested on the real shape."""
+    real = symbols.cuda(version)["no_gpu"]
+    f = FakeCudart(version, count_err="cudaErrorInsufficientDriver")
+    err, count = f.cudaGetDeviceCount()
+    assert [err.name, count] == real["cudaGetDeviceCount"]
+    assert int(err) == symbols.cuda(version)["enums"]["cudaError_t"][err.name]
 
 
 def test_gpu_info_without_cuda_python_falls_back_to_torch(monkeypatch):
@@ -457,19 +170,88 @@ def test_gpu_info_without_cuda_python_falls_back_to_torch(monkeypatch):
             gpu_info()
 
 
-def test_gpu_info_with_fake_cudart(monkeypatch):
-    install_cudart(monkeypatch, FakeCudart())
+def test_gpu_info_with_fake_cudart(fake):
+    fake()
     assert gpu_info() == (GPU, CC)
 
 
 def test_check_cuda():
     from darkconv.export.tensorrt import _check_cuda
-    ok, oom = FakeCudart.cudaError_t.cudaSuccess, FakeCudart.cudaError_t.cudaErrorMemoryAllocation
-    assert _check_cuda((ok,)) is None
-    assert _check_cuda((ok, 5)) == 5
-    assert _check_cuda((ok, 1, 2)) == (1, 2)
+    E = FakeCudart().cudaError_t
+    assert _check_cuda((E.cudaSuccess,)) is None
+    assert _check_cuda((E.cudaSuccess, 5)) == 5
+    assert _check_cuda((E.cudaSuccess, 1, 2)) == (1, 2)
     with pytest.raises(DarkconvError, match=r"cudaMalloc failed with cudaErrorMemoryAllocation \(2\)"):
-        _check_cuda((oom, 0), "cudaMalloc")
+        _check_cuda((E.cudaErrorMemoryAllocation, None), "cudaMalloc")
+
+
+# -- the fakes themselves: they refuse what the real modules refuse ------------------------------
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_fake_has_real_names_only(version):
+    trt = make_tensorrt(version, FakeCudart())
+    major = int(version.split(".")[0])
+    assert int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == real_enum(
+        version, "NetworkDefinitionCreationFlag", "STRONGLY_TYPED") == (1 if major == 10 else 0)
+    assert hasattr(trt.BuilderFlag, "FP16") == hasattr(trt.BuilderFlag, "INT8") == (major == 10)
+    assert hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") == (major == 10)
+    with pytest.raises(AttributeError):
+        trt.IInt8EntropyCalibrator2  # noqa: B018 - not modelled on 10, absent on 11
+    ctx_cls, cfg = trt.IExecutionContext, trt.Builder(trt.Logger()).create_builder_config()
+    assert not hasattr(ctx_cls, "execute_async_v2")
+    if major >= 11:
+        with pytest.raises(AttributeError, match="int8_calibrator"):
+            cfg.int8_calibrator = None
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent_api'"):
+        trt.nonexistent_api  # noqa: B018
+
+
+def test_fake_cudart_copies_complete_only_at_sync():
+    cu = FakeCudart()
+    s = cu.cudaStreamCreate()[1]
+    n = 16
+    dev, host = cu.cudaMalloc(n)[1], cu.cudaMallocHost(n)[1]
+    out = cu.cudaMallocHost(n)[1]
+    import ctypes
+    ctypes.memmove(host, bytes(range(n)), n)
+    H2D, D2H = cu.cudaMemcpyKind.cudaMemcpyHostToDevice, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    assert cu.cudaMemcpyAsync(dev, host, n, H2D, s)[0] == 0
+    assert cu.cudaMemcpyAsync(out, dev, n, D2H, s)[0] == 0
+    assert ctypes.string_at(out, n) == b"\xff" * n  # not there yet: garbage
+    cu.cudaStreamSynchronize(s)
+    assert ctypes.string_at(out, n) == bytes(range(n))
+    # a host write while a copy from it is pending is a race
+    cu.cudaMemcpyAsync(dev, host, n, H2D, s)
+    ctypes.memset(host, 7, n)
+    with pytest.raises(AssertionError, match="race"):
+        cu.cudaStreamSynchronize(s)
+    # wrong direction / unpinned host memory / out of bounds are errors, as in CUDA
+    assert cu.cudaMemcpyAsync(host, dev, n, H2D, s)[0].name == "cudaErrorInvalidValue"
+    assert cu.cudaMemcpyAsync(dev, host, n + 1, H2D, s)[0].name == "cudaErrorInvalidValue"
+    assert cu.cudaMemcpyAsync(dev, id(object()), n, H2D, s)[0].name == "cudaErrorInvalidValue"
+
+
+QDQ_CASES = {
+    "symmetric int8 (darkconv's TensorRT recipe)": ({}, None),
+    "uint8 activations, zero point 128 (ORT U8S8)": ({"act_zp": 128, "zp_type": onnx.TensorProto.UINT8},
+                                                    "zero point must be 0"),
+    "int8 with non-zero zero point": ({"act_zp": 3}, "zero point must be 0"),
+    "INT32 bias DequantizeLinear": ({"bias_int32": True}, "input type INT32"),
+    "per-channel activation scale": ({"act_channels": True}, "activations are quantized per-tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(QDQ_CASES))
+def test_fake_parser_qdq_rules(case, fake, tmp_path):
+    qdq, err = QDQ_CASES[case]
+    trt, _ = fake()
+    path = write_onnx(tmp_path / "q.onnx", tiny_onnx(small_spec(), qdq=qdq))
+    net = trt.Builder(trt.Logger()).create_network(0)
+    parser = trt.OnnxParser(net, trt.Logger())
+    ok = parser.parse_from_file(str(path))
+    msgs = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    assert ok == (err is None), msgs
+    if err:
+        assert any(err in m for m in msgs), msgs
 
 
 # -- source guard -----------------------------------------------------------------------------
@@ -482,9 +264,6 @@ def test_no_removed_tensorrt_apis(module):
     text = (ROOT / module).read_text()
     used = [api for api in REMOVED_APIS if api in text]
     assert not used, f"{module} mentions APIs removed from TensorRT 10/11: {used}"
-    for api in ("execute_async_v3", "set_tensor_address", "set_input_shape") if "runners" in module else \
-            ("parse_from_file", "set_memory_pool_limit", "build_serialized_network", "STRONGLY_TYPED"):
-        assert api in text
 
 
 # -- sidecar ------------------------------------------------------------------------------------
@@ -558,79 +337,94 @@ def test_check_sidecar_refuses_other_model_spec():
                       spec=ModelSpec(64, 32, 3, False, spec.heads[:1], (), {}))
 
 
+
 # -- builder against the fake tensorrt -------------------------------------------------------------
-def test_build_strongly_typed_profile_workspace_cache(fake, tmp_path, onnx_file):
-    trt, _ = fake(strongly_typed=True)
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_build_strongly_typed_profile_workspace_cache(fake, tmp_path, onnx_file, version):
+    trt, _ = fake(version)
     engine, cache = tmp_path / "out" / "m.engine", tmp_path / "t.cache"
-    cache.write_bytes(b"OLD")
     cfg, weights = tmp_path / "m.cfg", tmp_path / "m.weights"
     cfg.write_text("[net]\n")
     weights.write_bytes(b"\0" * 20)
     msgs = []
     sc = build_engine(onnx_file, engine, small_spec(), "FP16", batch=(1, 2, 8), workspace_gb=1.5,
                       timing_cache=str(cache), source={"cfg": str(cfg), "weights_sha256": SHA_B}, log=msgs.append)
-    log = trt.log
-    assert ("create_network", 1 << 2) in log
+    log = trt._fake.log
+    # the STRONGLY_TYPED bit with the real bindings' value (1 on 10.x, 0 on 11.x)
+    assert ("create_network", 1 << real_enum(version, "NetworkDefinitionCreationFlag", "STRONGLY_TYPED")) in log
+    assert trt._fake.networks[-1]._strongly_typed
     assert ("parse_from_file", str(onnx_file)) in log
     assert ("set_shape", "images", (1, 3, 32, 64), (2, 3, 32, 64), (8, 3, 32, 64)) in log
-    assert ("add_optimization_profile",) in log
     assert ("set_memory_pool_limit", "WORKSPACE", int(1.5 * (1 << 30))) in log
-    assert ("create_timing_cache", b"OLD") in log and ("set_timing_cache", b"OLD", False) in log
+    assert ("create_timing_cache", b"") in log and ("set_timing_cache", b"", False) in log
     names = [c[0] for c in log]
     assert names.index("set_timing_cache") < names.index("build_serialized_network") < names.index("get_timing_cache")
-    assert cache.read_bytes() == b"OLD+tuned"
-    assert engine.read_bytes() == b"ENGINE-BYTES"
+    assert cache.read_bytes() == f"TC{version}".encode()
+    assert trt._fake.errors == []
     side = json.loads(sidecar_path(engine).read_text())
     assert side == sc
-    assert sc["precision"] == "fp16" and sc["tensorrt"] == TRT_VERSION
+    assert sc["precision"] == "fp16" and sc["tensorrt"] == version
     assert sc["gpu"] == GPU and sc["compute_capability"] == CC
     assert sc["input"] == {"name": "images", "shape": [3, 32, 64], "batch": [1, 2, 8]}
-    from darkconv.zoo import sha256
+    from darkconv.io import sha256_file as sha256
     assert sc["cfg_sha256"] == sha256(cfg) and sc["weights_sha256"] == SHA_B
-    assert sc["onnx_sha256"] == sha256(onnx_file)
+    assert sc["onnx_sha256"] == sha256(onnx_file) and sc["engine_sha256"] == sha256(engine)
     assert sorted(p.name for p in engine.parent.iterdir()) == ["m.engine", "m.engine.json"]  # atomic: no temps
     assert any("building TensorRT" in m for m in msgs)
+    # the engine really carries the profile: a runtime of the same version accepts batch 1..8 only
+    eng = trt.Runtime(trt.Logger()).deserialize_cuda_engine(engine.read_bytes())
+    assert eng.get_tensor_profile_shape("images", 0) == [(1, 3, 32, 64), (2, 3, 32, 64), (8, 3, 32, 64)]
+    assert eng._desc["strongly_typed"]
 
 
-def test_build_without_strongly_typed_flag_passes_no_flag(fake, tmp_path, onnx_file):
-    trt, _ = fake(strongly_typed=False)
-    build_engine(onnx_file, tmp_path / "m.engine", small_spec(), "fp32", log=None)
-    assert ("create_network", 0) in trt.log
-    assert not any(c[0] == "create_timing_cache" for c in trt.log)  # no cache asked for
-
-
-def test_build_new_timing_cache_and_mismatched_cache(fake, tmp_path, onnx_file):
+def test_build_timing_cache_reused_and_mismatched(fake, tmp_path, onnx_file):
     trt, _ = fake()
     cache = tmp_path / "new.cache"
     build_engine(onnx_file, tmp_path / "a.engine", small_spec(), "fp32", timing_cache=str(cache), log=None)
-    assert ("create_timing_cache", b"") in trt.log
-    assert cache.read_bytes() == b"+tuned"
-    trt, _ = fake(cache_ok=False)
-    cache.write_bytes(b"FROM-ANOTHER-GPU")
+    first = cache.read_bytes()
     msgs = []
     build_engine(onnx_file, tmp_path / "b.engine", small_spec(), "fp32", timing_cache=str(cache), log=msgs.append)
-    assert ("set_timing_cache", b"FROM-ANOTHER-GPU", False) in trt.log and ("set_timing_cache", b"", False) in trt.log
+    assert ("set_timing_cache", first, False) in trt._fake.log and any("loaded" in m for m in msgs)
+    trt, _ = fake("11.4.0.106")  # a cache from 10.13 is refused by 11.4: start a fresh one
+    msgs = []
+    build_engine(onnx_file, tmp_path / "c.engine", small_spec(), "fp32", timing_cache=str(cache), log=msgs.append)
+    assert ("set_timing_cache", first, False) in trt._fake.log and ("set_timing_cache", b"", False) in trt._fake.log
     assert any("fresh" in m for m in msgs)
+    assert cache.read_bytes() == b"TC11.4.0.106"
 
 
-def test_build_parser_errors_all_surfaced(fake, tmp_path, onnx_file):
-    fake(parse_errors=[("/pad", "Pad", "mode reflect is unsupported"),
-                       ("/up/Resize", "Resize", "coordinate_transformation_mode half_pixel_symmetric")])
+def test_build_parser_errors_all_surfaced(fake, tmp_path):
+    """A Q/DQ model TensorRT's parser refuses (per-channel activation scales) and darkconv's own
+    pre-check lets through: every parser error reaches the one-line message, nothing is written."""
+    fake()
+    onnx_path = write_onnx(tmp_path / "model.onnx", tiny_onnx(small_spec(), qdq={"act_channels": True}))
     engine = tmp_path / "m.engine"
     with pytest.raises(ExportError) as e:
-        build_engine(onnx_file, engine, small_spec(), "fp32", log=None)
+        build_engine(onnx_path, engine, small_spec(), "int8", log=None)
     msg = str(e.value)
-    assert "2 error(s)" in msg and str(onnx_file) in msg
-    assert "/pad Pad] mode reflect is unsupported" in msg
-    assert "/up/Resize Resize] coordinate_transformation_mode half_pixel_symmetric" in msg
+    assert "2 error(s)" in msg and str(onnx_path) in msg and "\n" not in msg
+    assert "[in_q QuantizeLinear] per-channel scale on an activation" in msg
+    assert "[in_dq DequantizeLinear] per-channel scale on an activation" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
-def test_build_failure_writes_nothing(fake, tmp_path, onnx_file):
-    trt, _ = fake(build_ok=False)
+def test_build_refuses_ort_int8_before_tensorrt(fake, tmp_path):
+    trt, _ = fake()
+    onnx_path = write_onnx(tmp_path / "model.onnx", tiny_onnx(small_spec(), qdq={"act_zp": 128,
+                                                                               "zp_type": onnx.TensorProto.UINT8}))
+    with pytest.raises(ExportError):
+        build_engine(onnx_path, tmp_path / "m.engine", small_spec(), "int8", log=None)
+    assert trt._fake.log == []  # never reached the builder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_build_failure_writes_nothing(fake, tmp_path):
+    fake()
+    # a fixed-batch-4 ONNX asked for batch 4 builds; its profile must match the static dims
+    onnx_path = write_onnx(tmp_path / "model.onnx", tiny_onnx(small_spec(), dynamic=False))
     engine, cache = tmp_path / "m.engine", tmp_path / "t.cache"
-    with pytest.raises(ExportError, match="failed to build"):
-        build_engine(onnx_file, engine, small_spec(), "fp32", timing_cache=str(cache), log=None)
+    with pytest.raises(ExportError, match="fixed batch of 1"):
+        build_engine(onnx_path, engine, small_spec(), "fp32", batch=(1, 2, 4), timing_cache=str(cache), log=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
@@ -643,70 +437,80 @@ def test_build_rejects_bad_arguments(fake, tmp_path, onnx_file):
         build_engine(onnx_file, engine, small_spec(), "fp32", batch=(4, 2, 8), log=None)
     with pytest.raises(ExportError, match="not found"):
         build_engine(tmp_path / "missing.onnx", engine, small_spec(), "fp32", log=None)
-    fake(input_shape=(1, 3, 32, 64))
-    with pytest.raises(ExportError, match="fixed batch of 1"):
-        build_engine(onnx_file, engine, small_spec(), "fp32", batch=(1, 2, 4), log=None)
-    build_engine(onnx_file, engine, small_spec(), "fp32", batch=1, log=None)  # fixed batch 1 is fine
+    fixed = write_onnx(tmp_path / "fixed.onnx", tiny_onnx(small_spec(), dynamic=False))
+    build_engine(fixed, engine, small_spec(), "fp32", batch=1, log=None)  # fixed batch 1 is fine
     engine.unlink()
     sidecar_path(engine).unlink()
-    fake(input_shape=(-1, 3, 64, 64))
-    with pytest.raises(ModelMismatch, match=r"\[-1, 3, 64, 64\].*\[N, 3, 32, 64\]"):
-        build_engine(onnx_file, engine, small_spec(), "fp32", log=None)
+    other = ModelSpec(64, 64, 3, False, small_spec().heads, (), {})
+    with pytest.raises(ModelMismatch, match=r"\[-1, 3, 32, 64\].*\[N, 3, 64, 64\]"):
+        build_engine(onnx_file, engine, other, "fp32", log=None)
     assert not engine.exists() and not sidecar_path(engine).exists()
 
 
 # -- runner against the fake tensorrt + fake cudart -------------------------------------------------
-def built_engine(fake, tmp_path, onnx_file, **kw):
-    trt, cudart = fake(**kw)
+def built_engine(fake, tmp_path, onnx_path, version=TRT_VERSION, batch=(1, 2, 4)):
+    trt, cudart = fake(version)
     engine = tmp_path / "m.engine"
-    build_engine(onnx_file, engine, small_spec(), "fp32", batch=(1, 2, 4),
+    build_engine(onnx_path, engine, small_spec(), "fp32", batch=batch,
                  source={"cfg_sha256": SHA_A, "weights_sha256": SHA_B}, log=None)
     return engine, trt, cudart
 
 
-def test_runner_infer_with_fakes(fake, tmp_path, onnx_file):
-    engine, trt, cudart = built_engine(fake, tmp_path, onnx_file)
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_runner_infer_matches_onnxruntime(fake, tmp_path, onnx_file, version):
+    engine, trt, cudart = built_engine(fake, tmp_path, onnx_file, version)
     rng = np.random.default_rng(0)
     with TensorRTRunner(engine, cfg_sha256=SHA_A, weights_sha256=SHA_B) as r:
         assert r.spec == small_spec()  # from the sidecar
         assert r.batch_range == (1, 4)
-        # buffers: one device + one pinned host buffer per tensor, sized for batch 4, allocated once
+        # one device + one pinned host buffer per tensor, sized for batch 4, allocated once
         sizes = sorted(n for c, n in cudart.calls if c == "cudaMalloc")
         assert sizes == sorted(4 * 4 * v for v in (3 * 32 * 64, 21 * 1 * 2, 21 * 2 * 4))
-        assert len(cudart.host_mem) == 3 and len(cudart.streams) == 1
-        for n in (1, 3, 4, 2):
-            x = rng.random((n, 3, 32, 64), dtype=np.float32)
+        assert len(cudart.pinned) == 3 and len(cudart.streams) == 1
+        for n in (1, 4, 3, 2):  # every batch size changes the input shape: set before each enqueue
+            x = rng.standard_normal((n, 3, 32, 64), dtype=np.float32)
             heads = r.infer(x)
-            assert [h.shape for h in heads] == [(n, 21, 1, 2), (n, 21, 2, 4)]  # spec.heads order
-            for got, want in zip(heads, expected_heads(r.spec, x)):
+            assert cudart.pending() == 0
+            assert [h.shape for h in heads] == [(n, 21, 1, 2), (n, 21, 2, 4)]  # spec.heads order, by name
+            for got, want in zip(heads, ort_heads(onnx_file, x)):
                 assert got.dtype == np.float32
-                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         kept = heads[0].copy()
-        r.infer(rng.random((2, 3, 32, 64), dtype=np.float32) + 5)
+        r.infer(rng.standard_normal((2, 3, 32, 64), dtype=np.float32) + 5)
         np.testing.assert_array_equal(heads[0], kept)  # results are copies, not views of the buffers
         assert sum(c == "cudaMalloc" for c, *_ in cudart.calls) == 3  # reused, not reallocated
         with pytest.raises(DarkconvError, match=r"batch of 5 is outside this engine's batch range 1\.\.4"):
             r.infer(np.zeros((5, 3, 32, 64), np.float32))
         with pytest.raises(ModelMismatch, match=r"\[1, 3, 64, 64\]"):
             r.infer(np.zeros((1, 3, 64, 64), np.float32))
-        assert "tensorrt 10.13.3.9 fp32" in r.describe()
-    execs = [c for c in trt.log if c[0] == "execute_async_v3"]
-    assert execs and all(isinstance(c[1], int) for c in execs)
-    assert ("set_input_shape", "images", (4, 3, 32, 64)) in trt.log
-    assert ("deserialize_cuda_engine", b"ENGINE-BYTES") in trt.log
+        assert f"tensorrt {version} fp32" in r.describe()
+    assert trt._fake.errors == []
     # deactivate freed everything
-    assert cudart.device_mem == {} and cudart.host_mem == {} and cudart.streams == set()
+    assert cudart.device == {} and cudart.pinned == {} and cudart.streams == {}
 
 
-def test_runner_half_precision_io(fake, tmp_path, onnx_file):
-    engine, trt, cudart = built_engine(fake, tmp_path, onnx_file)
-    trt.engine_factory = lambda data: trt.Engine(small_spec(), (1, 1, 2), trt.DataType.HALF)
-    del trt.nptype  # also covers bindings without trt.nptype (dtype looked up by name)
-    x = np.full((2, 3, 32, 64), 0.5, np.float32)
+def test_runner_int8_qdq_engine(fake, tmp_path):
+    """darkconv-style Q/DQ ONNX (symmetric int8, per-channel weights) parses, builds and runs."""
+    onnx_path = write_onnx(tmp_path / "q.onnx", tiny_onnx(small_spec(), qdq={}))
+    engine, trt, cudart = built_engine(fake, tmp_path, onnx_path, "11.4.0.106")
+    x = np.random.default_rng(1).standard_normal((3, 3, 32, 64), dtype=np.float32)
     with TensorRTRunner(engine) as r:
         heads = r.infer(x)
+    for got, want in zip(heads, ort_heads(onnx_path, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_runner_half_precision_io(fake, tmp_path):
+    onnx_path = write_onnx(tmp_path / "h.onnx", tiny_onnx(small_spec(), fp16=True))
+    engine, trt, cudart = built_engine(fake, tmp_path, onnx_path, batch=(1, 1, 2))
+    del trt.nptype  # also covers bindings without trt.nptype (dtype looked up by name)
+    x = np.random.default_rng(2).standard_normal((2, 3, 32, 64), dtype=np.float32)
+    with TensorRTRunner(engine) as r:
+        assert r._buffers["images"].dtype == np.float16
+        heads = r.infer(x)
     assert all(h.dtype == np.float32 for h in heads)
-    np.testing.assert_allclose(heads[1], expected_heads(small_spec(), x)[1], rtol=1e-3)
+    for got, want in zip(heads, ort_heads(onnx_path, x)):
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
 def test_runner_refuses_mismatches(fake, tmp_path, onnx_file, monkeypatch):
@@ -715,33 +519,224 @@ def test_runner_refuses_mismatches(fake, tmp_path, onnx_file, monkeypatch):
         TensorRTRunner(engine, weights_sha256="f" * 64).activate()
     with pytest.raises(ModelMismatch, match="input shape"):
         TensorRTRunner(engine, spec=ModelSpec(96, 32, 3, False, small_spec().heads)).activate()
-    monkeypatch.setattr(trt, "__version__", "10.14.0.1")
-    with pytest.raises(ModelMismatch, match=r"tensorrt is 10\.13\.3\.9 in the engine but this machine has 10\.14"):
+    trt11, _ = fake("11.4.0.106")
+    with pytest.raises(ModelMismatch, match=r"tensorrt is 10\.13\.3\.9 in the engine but this machine has 11\.4"):
         TensorRTRunner(engine).activate()
-    monkeypatch.setattr(trt, "__version__", TRT_VERSION)
-    engine.write_bytes(b"ANOTHER-ENGINE")
+    assert not any(c[0] == "deserialize_cuda_engine" for c in trt11._fake.log)  # refused before loading
+    trt, _ = fake()
+    data = engine.read_bytes()
+    engine.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(ModelMismatch, match="not the one its sidecar describes"):
         TensorRTRunner(engine).activate()
     sidecar_path(engine).unlink()
     with pytest.raises(ModelMismatch, match="no sidecar"):
         TensorRTRunner(engine).activate()
-    assert not any(c[0] == "deserialize_cuda_engine" for c in trt.log)  # refused before loading
+    assert not any(c[0] == "deserialize_cuda_engine" for c in trt._fake.log)
 
 
-def test_runner_missing_head_output_and_cleanup_on_failure(fake, tmp_path, onnx_file):
-    engine, trt, cudart = built_engine(fake, tmp_path, onnx_file)
+def test_runner_engine_from_other_trt_is_not_deserialized(fake, tmp_path, onnx_file):
+    """Even with a forged sidecar, the real runtime returns None for another version's plan."""
+    engine, trt, _ = built_engine(fake, tmp_path, onnx_file)
+    sc = read_sidecar(engine)
+    trt, cudart = fake("10.0.1")
+    write_sidecar(sidecar_path(engine), {**sc, "tensorrt": "10.0.1"})
+    with pytest.raises(ModelMismatch, match="could not deserialize"):
+        TensorRTRunner(engine).activate()
+    assert cudart.device == {} and cudart.streams == {}
+
+
+def test_runner_missing_head_output_and_cleanup_on_failure(fake, tmp_path):
     other = ModelSpec(64, 32, 3, False, (HeadSpec("yolo", 30, 2, ((1, 1),) * 3, (), (1, 2)),))
-    trt.engine_factory = lambda data: trt.Engine(other, (1, 1, 4), trt.DataType.FLOAT)
+    onnx_path = write_onnx(tmp_path / "o.onnx", tiny_onnx(other))
+    trt, cudart = fake()
+    engine = tmp_path / "m.engine"
+    build_engine(onnx_path, engine, small_spec(), "fp32", batch=(1, 1, 4), log=None)  # ONNX of another model
     with pytest.raises(ModelMismatch, match=r"missing \['head_16', 'head_23'\]"):
         TensorRTRunner(engine).activate()
-    trt.engine_factory = lambda data: trt.Engine(small_spec(), (1, 1, 4), trt.DataType.FLOAT)
+    assert cudart.device == {} and cudart.streams == {}
+    engine2 = tmp_path / "m2.engine"
+    build_engine(write_onnx(tmp_path / "s.onnx", tiny_onnx(small_spec())), engine2, small_spec(), "fp32",
+                 batch=(1, 1, 4), log=None)
     cudart.fail_malloc = True
-    r = TensorRTRunner(engine)
+    r = TensorRTRunner(engine2)
     with pytest.raises(DarkconvError, match="cudaMalloc.*cudaErrorMemoryAllocation"):
         r.activate()
-    assert cudart.device_mem == {} and cudart.host_mem == {} and cudart.streams == set()
+    assert cudart.device == {} and cudart.pinned == {} and cudart.streams == {}
     with pytest.raises(DarkconvError, match="before activate"):
         r.infer(np.zeros((1, 3, 32, 64), np.float32))
+
+
+@pytest.mark.slow
+def test_darkconv_exports_through_fake_tensorrt(fake, tmp_path):
+    """darkconv's own FP16 and TensorRT-flavoured INT8 exports pass the fake parser's Q/DQ rules (written
+    from NVIDIA's docs, independent of export/quantize.py), build, and run through the runner with
+    ONNX Runtime's numbers; the ONNX Runtime-flavoured INT8 (U8S8, INT32 bias) is what the parser refuses."""
+    import darkconv
+    from darkconv.export.onnx import export_onnx
+    from fake_trt.onnx_rules import parser_errors
+    model = darkconv.load(ROOT / "cfg" / "yolov3-tiny.cfg", width=96, height=96).randomize(0)
+    spec = model.spec
+    imgs = [np.random.default_rng(i).integers(0, 255, (120, 160, 3), dtype=np.uint8) for i in range(3)]
+    ort_q = export_onnx(model, tmp_path / "ort-int8.onnx", precision="int8", batch="dynamic", calib_images=imgs,
+                        int8_target="onnxruntime")
+    msgs = [m for *_n, m in parser_errors(onnx.load(str(ort_q)))]
+    assert any("zero point must be 0" in m for m in msgs) and any("INT32" in m for m in msgs)
+    x = np.random.default_rng(0).random((2, 3, 96, 96), dtype=np.float32)
+    for precision, kw, version in (("fp16", {}, "10.13.3.9"),
+                                   ("int8", {"calib_images": imgs, "int8_target": "tensorrt"}, "11.4.0.106")):
+        onnx_path = export_onnx(model, tmp_path / f"m-{precision}.onnx", precision=precision, batch="dynamic", **kw)
+        trt, _ = fake(version)
+        engine = tmp_path / f"m-{precision}.engine"
+        build_engine(onnx_path, engine, spec, precision, batch=(1, 2, 2), log=None)
+        with TensorRTRunner(engine) as r:
+            got = r.infer(x)
+        want = ort_heads(onnx_path, x, spec)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+        assert trt._fake.errors == []
+
+
+# -- names: everything the code calls exists in the real bindings ------------------------------------
+TRT_MODULES = ("darkconv/export/tensorrt.py", "darkconv/runners/tensorrt.py")
+# which real class each receiver expression in the two modules is (checked: an unknown receiver of a
+# TensorRT/cuda object fails test_every_receiver_is_mapped, so new code cannot slip past)
+RECEIVERS = {
+    "export": {"builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser",
+               "config": "IBuilderConfig", "profile": "IOptimizationProfile", "e": "ParserError",
+               "inp": "ITensor", "t": "ITensor", "config.get_timing_cache()": "ITimingCache", "trt.Logger": "Logger"},
+    "runners": {"engine": "ICudaEngine", "self._engine": "ICudaEngine", "ctx": "IExecutionContext",
+                "self._context": "IExecutionContext", "self._runtime": "Runtime", "trt.Logger": "Logger"},
+}
+NOT_TRT = {"np", "self", "buf", "inp", "Path", "p", "hashlib", "json", "ctypes", "sidecar", "spec", "src", "s",
+           "torch", "torch.cuda", "h", "onnx", "proto", "n", "out", "d", "b", "prop", "name", "text", "engine_path",
+           "onnx_path", "cache_path", "self.spec", "self.engine_path", "self.sidecar", "self._buffers", "dt", "raw",
+           "ModelSpec", "eng", "self._trt", "self._cudart", "self.dtype", "engine_path.parent", "proto.graph",
+           "batch", "x", "err", "buf.dtype", "errs", "side", "where"}
+
+
+def _kind(mod: str) -> str:
+    return "runners" if "runners" in mod else "export"
+
+
+def _attribute_uses():
+    """(module, receiver source, attribute) for every attribute access in the two modules."""
+    out = []
+    for mod in TRT_MODULES:
+        tree = ast.parse((ROOT / mod).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                out.append((mod, ast.unparse(node.value), node.attr))
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr",
+                                                                                                    "hasattr"):
+                if len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+                    out.append((mod, ast.unparse(node.args[0]), node.args[1].value))
+    return out
+
+
+def _uses():
+    trt_names, cuda_names, members = set(), set(), set()
+    for _mod, recv, attr in _attribute_uses():
+        if recv == "trt":
+            trt_names.add(attr)
+        elif recv.startswith("trt.") and recv.count(".") == 1 and recv != "trt.Logger":
+            members.add((recv[4:], attr, "enum"))
+        elif recv == "cudart":
+            cuda_names.add(attr)
+        elif recv in RECEIVERS[_kind(_mod)]:
+            members.add((RECEIVERS[_kind(_mod)][recv], attr, "class"))
+    return trt_names, cuda_names, members
+
+
+def test_every_receiver_is_mapped():
+    """Each attribute access on a (dotted) name is on a known TensorRT/cuda object or a known other name."""
+    import re
+    unknown = sorted({recv for mod, recv, _a in _attribute_uses()
+                      if re.fullmatch(r"[A-Za-z_][\w.]*", recv) and recv not in RECEIVERS[_kind(mod)]
+                      and recv not in NOT_TRT and recv not in ("trt", "cudart")
+                      and not recv.startswith("trt.") and not recv.startswith("cudart.cudaMemcpyKind")})
+    assert not unknown, f"classify these receivers in RECEIVERS (TensorRT class) or NOT_TRT: {unknown}"
+
+
+# names the code reads only through getattr/hasattr with a fallback (may be absent in some versions)
+OPTIONAL = {("NetworkDefinitionCreationFlag", "STRONGLY_TYPED"), ("trt", "nptype"), ("ParserError", "node_name"),
+            ("ParserError", "node_operator"), ("ParserError", "desc"), ("trt", "__version__")}
+
+
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_tensorrt_names_exist_in_real_bindings(version):
+    real = symbols.trt(version)
+    trt_names, _cuda, members = _uses()
+    assert {"Builder", "OnnxParser", "Runtime", "MemoryPoolType", "TensorIOMode"} <= trt_names  # the walk works
+    missing = sorted(n for n in trt_names if n not in real["module"] and n != "__version__"
+                     and ("trt", n) not in OPTIONAL)
+    assert not missing, f"TensorRT {version} has no {missing}"
+    bad = []
+    for owner, attr, kind in sorted(members):
+        table = real["enums"] if kind == "enum" else real["classes"]
+        if owner not in table:
+            bad.append(f"{owner} (not recorded)")
+        elif attr not in table[owner] and (owner, attr) not in OPTIONAL:
+            bad.append(f"{owner}.{attr}")
+    assert not bad, f"not in TensorRT {version}'s bindings: {bad}"
+    assert ("IExecutionContext", "execute_async_v3", "class") in members
+
+
+def _params(sig: str) -> list[str]:
+    """'f(self: X, name: str, shape: tuple) -> bool' -> ['name', 'shape']."""
+    import re
+    inner = sig[sig.index("(") + 1: sig.rindex(") ->")]
+    return [n for n in re.findall(r"(?:^|, )(\w+):", inner) if n != "self"]
+
+
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_signatures_match_real_bindings(version):
+    """The fake's methods take the real parameters (names, in order), and every keyword argument
+    darkconv passes is a real parameter name (a wrong one is a TypeError on real TensorRT)."""
+    import inspect
+    real = symbols.trt(version)["signatures"]
+    trt = make_tensorrt(version, FakeCudart())
+    checked = 0
+    for key, sigs in real.items():
+        cls_name, meth = key.split(".")
+        cls = getattr(trt, cls_name, None)
+        if cls is None or not hasattr(cls, meth):
+            continue
+        fake_params = [p for p in inspect.signature(getattr(cls, meth)).parameters if p != "self"]
+        assert any(fake_params == _params(s) for s in sigs), f"fake {key}{fake_params} vs real {sigs}"
+        checked += 1
+    assert checked >= 25
+    for mod in TRT_MODULES:
+        for node in ast.walk(ast.parse((ROOT / mod).read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                recv = ast.unparse(node.func.value)
+                cls_name = RECEIVERS[_kind(mod)].get(recv) or (recv[4:] if recv.startswith("trt.") else None)
+                key = f"{cls_name}.{node.func.attr}" if cls_name else None
+                if recv == "trt":  # a constructor: trt.Builder(logger)
+                    key = f"{node.func.attr}.__init__"
+                if key in real:
+                    params = [_params(s) for s in real[key]]
+                    assert any(len(node.args) <= len(p) and all(k.arg in p for k in node.keywords)
+                               for p in params), f"{mod}: {ast.unparse(node)} does not fit {real[key]}"
+
+
+@pytest.mark.parametrize("version", symbols.CUDA_VERSIONS)
+def test_cuda_names_exist_in_real_cuda_bindings(version):
+    real = symbols.cuda(version)
+    _t, cuda_names, _m = _uses()
+    assert {"cudaMalloc", "cudaMemcpyAsync", "cudaStreamSynchronize"} <= cuda_names
+    missing = sorted(n for n in cuda_names if n not in real["runtime"])
+    assert not missing, f"cuda-bindings {version} runtime has no {missing}"
+    assert {"cudaMemcpyHostToDevice", "cudaMemcpyDeviceToHost"} <= set(real["enums"]["cudaMemcpyKind"])
+
+
+@pytest.mark.slow
+def test_mutations_are_caught():
+    """scripts/trt_mutations.py: each seeded bug in the runner/builder makes a TensorRT test fail
+    (about 40-60 s: one in-process pytest run per mutation)."""
+    import subprocess
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "trt_mutations.py"), "--quiet"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 # -- real TensorRT (skipped here) ------------------------------------------------------------------
@@ -813,3 +808,4 @@ def test_real_engine_refused_after_trt_version_change(real_model, tmp_path):
     write_sidecar(sidecar_path(engine), {**sc, "tensorrt": "9.0.0.1"})
     with pytest.raises(ModelMismatch, match="tensorrt is 9.0.0.1"):
         TensorRTRunner(engine).activate()
+

@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 
 from ..io import check_output_path
-from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress, strict_option, url_option
+from .common import (PRECISIONS, _die, check_device, device_option, handle_errors, main, parse_size, progress,
+                     strict_option, url_option)
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
@@ -31,10 +32,13 @@ from .common import PRECISIONS, _die, handle_errors, main, parse_size, progress,
 @click.option("--concurrency", default=None, help="also keep N requests in flight at once, comma separated: "
               "1,4,8 (threads in closed loops; for --backend triton)")
 @url_option
+@device_option
+@click.option("--cuda-graphs", is_flag=True,
+              help="torch on CUDA: record one CUDA graph per batch size and replay it (less launch overhead)")
 @strict_option
 @handle_errors
 def bench(model, weights, backend, precision, batches, warmup, iters, seconds, threads, size, e2e, json_path,
-          plot_path, concurrency, url):
+          plot_path, concurrency, url, device, cuda_graphs):
     """Latency / throughput of MODEL(.cfg [WEIGHTS] | .onnx | engine) on one backend, per batch size.
 
     A cfg without WEIGHTS runs on random weights (speed only). Load / export / session
@@ -54,13 +58,22 @@ def bench(model, weights, backend, precision, batches, warmup, iters, seconds, t
         raise click.BadParameter(str(e).replace("batch sizes", "concurrency levels"), param_hint="--concurrency") \
             from None
     width, height = parse_size(size)
+    if device is not None or cuda_graphs:
+        from ..pipeline import default_backend
+        from ..runners import canonical
+        chosen = canonical(backend or ("triton" if url else default_backend(model)))
+        check_device(device, [chosen])
+        if cuda_graphs and (chosen != "torch" or (device or "cuda").startswith("cpu")):
+            raise click.BadParameter("CUDA graphs are for the torch backend on --device cuda",
+                                     param_hint="--cuda-graphs")
     if plot_path and Path(plot_path).suffix.lower() != ".png":
         raise click.BadParameter(f"{plot_path}: the plot is a PNG, name it *.png", param_hint="--plot")
     for out in (json_path, plot_path):  # before any work, not after minutes of timing
         if out:
             check_output_path(out)
     prep = bm.prepare(model, weights, backend, precision=precision, width=width, height=height, threads=threads,
-                      calib=list(e2e) or None, max_batch=max(batch_list), log=click.echo, url=url)
+                      calib=list(e2e) or None, max_batch=max(batch_list), log=click.echo, url=url,
+                      device=device, cuda_graphs=cuda_graphs)
     try:
         result = bm.run_bench(prep, batch_list, warmup=warmup, iters=iters, seconds=seconds, e2e=list(e2e) or None,
                               progress=progress(unit="it", leave=False), log=click.echo,

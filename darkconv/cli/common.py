@@ -93,6 +93,35 @@ def strict_option(fn):
     return wrapper
 
 
+def device_option(fn):
+    """``--device cpu|cuda|cuda:N`` for the torch backend (bench, parity, detect); the syntax is checked
+    while parsing, the GPU by :func:`check_device` before any work."""
+    def parse(ctx, param, value):
+        from ..runners.torch import parse_device
+        try:
+            return parse_device(value)
+        except DarkconvError as e:
+            raise click.BadParameter(str(e)) from None
+
+    from ..runners.torch import DEVICE_HELP
+    return click.option("--device", default=None, callback=parse, metavar="cpu|cuda|cuda:N",
+                        help=f"where the torch backend runs: {DEVICE_HELP}")(fn)
+
+
+def check_device(device, backends) -> None:
+    """Before any work: ``--device`` only with a torch backend, and CUDA only where PyTorch sees a GPU
+    (one-line error naming the fix, exit 3)."""
+    if device is None:
+        return
+    if "torch" not in backends:
+        raise click.BadParameter(f"--device applies to the torch backend, not {', '.join(backends)} "
+                                 f"(onnxruntime runs on the CPU; a TensorRT engine runs on its GPU)",
+                                 param_hint="--device")
+    if device.startswith("cuda"):
+        from ..runners.torch import resolve_device
+        resolve_device(device)
+
+
 def progress(**kw):
     from tqdm import tqdm
 

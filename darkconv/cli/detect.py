@@ -6,8 +6,8 @@ from pathlib import Path
 import click
 
 from ..errors import DarkconvError
-from .common import (_die, handle_errors, main, parse_size, progress, split_model_args, strict_option,
-                     url_option)
+from .common import (_die, check_device, device_option, handle_errors, main, parse_size, progress,
+                     split_model_args, strict_option, url_option)
 
 @main.command()
 @click.argument("args", nargs=-1, required=True)
@@ -25,10 +25,11 @@ from .common import (_die, handle_errors, main, parse_size, progress, split_mode
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores]")
 @url_option
+@device_option
 @strict_option
 @handle_errors
 def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agnostic, max_det, size, batch,
-           threads, url):
+           threads, url, device):
     """Detect objects: detect MODEL.cfg [MODEL.weights] IMAGE_OR_DIR...  |  detect MODEL.onnx|ENGINE IMAGE_OR_DIR..."""
     from ..detect import expand_inputs, run_detect
     from ..pipeline import model_kind, open_runner, resolve_names
@@ -44,8 +45,12 @@ def detect(args, backend, thresh, nms, letterbox, names, out_dir, json_path, agn
         raise DarkconvError("detect needs the .weights after the cfg (random weights detect nothing useful): "
                             "darkconv detect MODEL.cfg MODEL.weights IMAGES...", file=model)
     width, height = parse_size(size)
+    if device is not None:
+        from ..pipeline import default_backend
+        from ..runners import canonical
+        check_device(device, [canonical(backend or ("triton" if served else default_backend(model)))])
     runner = open_runner(model, weights, backend, threads=threads, width=width, height=height, log=click.echo,
-                         url=url)
+                         url=url, device=device)
     with runner:
         class_names = resolve_names(runner.spec, names)
         results, t = run_detect(runner, inputs, class_names, thresh=thresh, nms=nms, letterbox=letterbox,

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import PRECISIONS, _die, handle_errors, main, parse_size, strict_option, url_option
+from .common import (PRECISIONS, _die, check_device, device_option, handle_errors, main, parse_size, strict_option,
+                     url_option)
 
 @main.command()
 @click.argument("cfg", type=click.Path(exists=True, dir_okay=False))
@@ -26,10 +27,11 @@ from .common import PRECISIONS, _die, handle_errors, main, parse_size, strict_op
 @click.option("--tol-score", type=float, default=None, help="max |Δscore| [default per precision]")
 @click.option("--threads", type=click.IntRange(1), default=None)
 @url_option
+@device_option
 @strict_option
 @handle_errors
 def parity(cfg, weights, backends, precision, images, calib, thresh, nms, size, batch, tol_head, tol_score, threads,
-           url):
+           url, device):
     """Run the same images through several backends and compare heads and detections."""
     import tempfile
 
@@ -41,6 +43,7 @@ def parity(cfg, weights, backends, precision, images, calib, thresh, nms, size, 
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if len(names) < 2:
         raise click.BadParameter("give at least two backends", param_hint="--backends")
+    check_device(device, [canonical(b) for b in names])  # torch runners run there (FP32: the reference)
     imgs, files = load_images(images or [DATA])
     calib_files = held_out_calibration(calib, files) if precision == "int8" else None
     runners, precisions = [], []
@@ -53,7 +56,8 @@ def parity(cfg, weights, backends, precision, images, calib, thresh, nms, size, 
                 p = r.spec.source.get("precision", "fp32")
             else:
                 r = open_runner(cfg, weights, b, threads=threads, width=width, height=height, precision=p,
-                                calib=calib_files if p == "int8" else None, workdir=tmp)
+                                calib=calib_files if p == "int8" else None, workdir=tmp,
+                                device=device if b == "torch" else None)
             runners.append(r)
             precisions.append(p)
         for r in runners:
