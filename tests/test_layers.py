@@ -378,8 +378,6 @@ def test_conv_only_activations_refused_elsewhere(tmp_path, layer, act):
 
 
 def test_convolutional_refuses_what_darknet_cannot_compute(tmp_path):
-    with pytest.raises(CfgError, match="share_index"):
-        build_model(tmp_path / "t.cfg", text=cfg(3, 4, 4, conv_cfg(3, 1, "linear") + conv_cfg(3, 1, share_index=0)))
     with pytest.raises(CfgError, match="size=1 with padding=1"):
         build_model(tmp_path / "t.cfg", text=cfg(3, 4, 4, conv_cfg(3, 1, padding=1)))
     with pytest.raises(CfgError, match="invalid output"):  # dilated kernel disagrees with Darknet's out size

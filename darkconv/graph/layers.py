@@ -46,23 +46,50 @@ class Convolutional(DarknetModule):
 
     Mirrors forward_convolutional_layer: BN uses the rolling statistics with eps 1e-5.
     ``fuse()`` folds BN into the conv (for export); outputs agree to float rounding.
+
+    ``shared=True`` (share_index): the layer owns no parameters; :meth:`share_parameters` gives it those
+    of an earlier layer (make_convolutional_layer points weights, biases, scales and rolling statistics at
+    the shared layer's arrays), with its own geometry (stride, padding, dilation), activation and blur.
     """
 
-    def __init__(self, c_in, n, size, stride, pad, dilation, groups, bn, act: Activation, blur=None, init=True):
+    def __init__(self, c_in, n, size, stride, pad, dilation, groups, bn, act: Activation, blur=None, init=True,
+                 shared=False):
         super().__init__()
-        # init=False: uninitialised parameters, for a model whose .weights overwrite every one of them
-        self.conv = (nn.Conv2d if init else _NoInitConv2d)(c_in, n, size, stride, pad * dilation, dilation, groups,
-                                                            bias=True)
-        nn.init.zeros_(self.conv.bias)
-        self.bn = bn
-        if bn:
+        self._owner: tuple = ()  # (the Convolutional whose parameters this one uses,): a tuple, not a submodule
+        if shared:  # geometry only (meta tensors, nothing allocated); share_parameters() puts the owner's in
+            self.conv = nn.Conv2d(c_in, n, size, stride, pad * dilation, dilation, groups, bias=True, device="meta")
+            self.bn = False
+        else:
+            # init=False: uninitialised parameters, for a model whose .weights overwrite every one of them
+            self.conv = (nn.Conv2d if init else _NoInitConv2d)(c_in, n, size, stride, pad * dilation, dilation,
+                                                                groups, bias=True)
+            nn.init.zeros_(self.conv.bias)
+            self.bn = bn
+        if self.bn:
             self.register_buffer("scales", torch.ones(n))
             self.register_buffer("rolling_mean", torch.zeros(n))
             self.register_buffer("rolling_variance", torch.ones(n))
         self.act = act
         self.blur = blur  # (kernel (n,1,k,k), stride (sy,sx), pad) applied after the activation
 
+    @property
+    def shares(self) -> "Convolutional | None":
+        """The layer whose parameters this one computes with (share_index), or None."""
+        return self._owner[0] if self._owner else None
+
+    def share_parameters(self, owner: "Convolutional") -> None:
+        """Use ``owner``'s weights and biases (the same Parameter objects: export writes them once) and,
+        at every forward, its batchnorm state."""
+        owner = owner.shares or owner
+        if owner.conv.weight.shape != self.conv.weight.shape:  # pragma: no cover - the builder checks this
+            raise RuntimeError(f"darkconv bug: shared weights {tuple(owner.conv.weight.shape)} for a "
+                               f"{tuple(self.conv.weight.shape)} convolution")
+        self.conv.weight, self.conv.bias = owner.conv.weight, owner.conv.bias
+        self._owner = (owner,)
+
     def darknet_tensors(self):
+        if self._owner:  # load_weights_upto / save_weights skip a layer with share_layer: nothing in the file
+            return []
         t = [("biases", self.conv.bias)]
         if self.bn:
             t += [("scales", self.scales), ("rolling_mean", self.rolling_mean),
@@ -71,6 +98,9 @@ class Convolutional(DarknetModule):
 
     @torch.no_grad()
     def fuse(self):
+        if self._owner:  # fuse_conv_batchnorm: a sharing layer only drops its BN; the owner folds the arrays
+            self._owner[0].fuse()
+            return
         if not self.bn:
             return
         k = self.scales / torch.sqrt(self.rolling_variance + BN_EPS)
@@ -81,11 +111,12 @@ class Convolutional(DarknetModule):
             delattr(self, name)
 
     def forward(self, x):
-        if self.bn:
+        src = self._owner[0] if self._owner else self  # whose batchnorm state (a sharer has none of its own)
+        if src.bn:
             y = F.conv2d(x, self.conv.weight, None, self.conv.stride, self.conv.padding,
                          self.conv.dilation, self.conv.groups)
-            y = (y - self.rolling_mean.view(1, -1, 1, 1)) / torch.sqrt(self.rolling_variance.view(1, -1, 1, 1) + BN_EPS)
-            y = y * self.scales.view(1, -1, 1, 1) + self.conv.bias.view(1, -1, 1, 1)
+            y = (y - src.rolling_mean.view(1, -1, 1, 1)) / torch.sqrt(src.rolling_variance.view(1, -1, 1, 1) + BN_EPS)
+            y = y * src.scales.view(1, -1, 1, 1) + self.conv.bias.view(1, -1, 1, 1)
         else:
             y = self.conv(x)
         y = self.act(y)
@@ -143,8 +174,8 @@ def build_convolutional(s, ctx: BuildContext) -> Built:
         raise s.error(f"dilation={dilation} must be at least 1", "dilation")
     padding = size // 2 if s.int("pad", 0) else s.int("padding", 0, lo=0)
     antialiasing = s.int("antialiasing", 0)
-    if s.has("share_index"):  # any value (0 too) shares another layer's weights; none are in the file
-        raise s.error("option share_index is not supported by darkconv", "share_index")
+    bn = bool(s.int("batch_normalize", 0) or s.int("cbn", 0))
+    share = _share_target(s, ctx, c, n, size, groups, bn)
     for key in ("binary", "xnor", "sway", "rotate", "stretch", "stretch_sway"):
         if s.int(key, 0):
             raise s.error(f"option {key} is not supported by darkconv", key)
@@ -175,19 +206,54 @@ def build_convolutional(s, ctx: BuildContext) -> Built:
         blur, (oh, ow) = _blur(n, antialiasing, (sy, sx), oh, ow)
         if oh < 1 or ow < 1:
             raise s.error(f"antialiasing={antialiasing} with stride {sx}x{sy} gives an empty output", "antialiasing")
-    # cbn=1 is cross-iteration batch norm (batch_normalize=2): the same inference and .weights layout
-    bn = bool(s.int("batch_normalize", 0) or s.int("cbn", 0))
     act = activation(s, default="logistic")
     flipped = bool(s.int("flipped", 0))
-    params = n * (1 + 3 * bn) + n * (c // groups) * size * size
+    params = 0 if share is not None else n * (1 + 3 * bn) + n * (c // groups) * size * size
 
     def make(init: bool):
         mod = Convolutional(c, n, size, stride_conv, padding, dilation, groups, bn, act,
-                            blur() if blur else None, init=init)
+                            blur() if blur else None, init=init, shared=share is not None)
         mod.flipped = flipped
         return mod
 
-    return Built(make, (n, oh, ow), params=params, workspace=workspace, key=("filters", "size", "groups"))
+    info = {"c": c, "n": n, "size": size, "groups": groups, "bn": bn, "owner": ctx.index if share is None else share}
+    return Built(make, (n, oh, ow), params=params, workspace=workspace, key=("filters", "size", "groups"),
+                 share=share, info=info)
+
+
+SHARE_NONE = -1000000000  # parse_convolutional's default for share_index: no sharing
+
+
+def _share_target(s, ctx: BuildContext, c: int, n: int, size: int, groups: int, bn: bool) -> int | None:
+    """share_index (parse_convolutional): the earlier [convolutional] whose weights, biases and batchnorm
+    this layer uses (>= 0 absolute, < 0 relative to this layer); returns the layer owning them (a chain
+    of sharers ends at it), or None. make_convolutional_layer requires equal size, channels, filters and
+    weight count; darkconv also requires the same batch_normalize (with a BN only on the owner, Darknet's
+    result depends on whether fuse_conv_batchnorm ran; with one only on the sharer it reads NULL arrays)."""
+    if not s.has("share_index"):
+        return None
+    raw = s.int("share_index")
+    if raw == SHARE_NONE:
+        return None
+    idx = raw if raw >= 0 else ctx.index + raw
+    if not 0 <= idx < ctx.index:
+        raise s.error(f"share_index={raw} points to layer {idx}, but only layers 0..{ctx.index - 1} come "
+                      "before this one", "share_index")
+    info = ctx.built[idx].info
+    if "owner" not in info:
+        raise s.error(f"share_index={raw} points to layer {idx}, which is not a [convolutional] layer",
+                      "share_index")
+    mine = {"size": size, "channels": c, "filters": n, "weights": n * (c // groups) * size * size}
+    theirs = {"size": info["size"], "channels": info["c"], "filters": info["n"],
+              "weights": info["n"] * (info["c"] // info["groups"]) * info["size"] ** 2}
+    diff = [f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]]
+    if diff:
+        raise s.error(f"share_index={raw}: layer {idx} has another shape ({', '.join(diff)}); Darknet: "
+                      "\"Layer size, nweights, channels or filters don't match for the share_layer\"", "share_index")
+    if bn != info["bn"]:
+        raise s.error(f"share_index={raw}: batch_normalize={int(bn)} here but {int(info['bn'])} in layer {idx}: "
+                      "give both the same batch_normalize", "share_index")
+    return info["owner"]
 
 
 # -- pooling ---------------------------------------------------------------------
@@ -461,9 +527,12 @@ class Shortcut(DarknetModule):
     An input with other channel counts adds to the leading channels only.
     """
 
-    def __init__(self, n_from, channels, weights_type, normalization, act):
+    def __init__(self, n_from, channels, weights_type, normalization, act, from_channels):
         super().__init__()
         self.weights_type, self.normalization, self.act = weights_type, normalization, act
+        # static channel counts (Python ints): tracing emits constant Slices, no Shape/Gather in ONNX
+        self.channels = channels
+        self.from_channels = tuple(from_channels)
         if weights_type == "per_feature":
             self.weights = nn.Parameter(torch.ones(n_from + 1, 1))
         elif weights_type == "per_channel":
@@ -488,12 +557,12 @@ class Shortcut(DarknetModule):
         return w
 
     def forward(self, x, *adds):
-        c = x.shape[1]
+        c = self.channels
         w = None if self.weights is None else self._norm_weights().to(x.dtype).view(-1, 1, self.weights.shape[1], 1, 1)[:, :, :c]
         out = x if w is None else x * w[0]
-        for i, a in enumerate(adds):
-            ca = min(c, a.shape[1])
-            a = a if ca == a.shape[1] else a[:, :ca]
+        for i, (a, c_from) in enumerate(zip(adds, self.from_channels)):
+            ca = min(c, c_from)
+            a = a if ca == c_from else a[:, :ca]
             term = a if w is None else a * w[i + 1][:, :ca]
             out = out + term if ca == c else torch.cat([out[:, :ca] + term, out[:, ca:]], 1)
         return self.act(out)
@@ -522,7 +591,9 @@ def build_shortcut(s, ctx: BuildContext) -> Built:
         wn = "none"  # no weights, nothing to normalize
     act = _elementwise_activation(s, supported=("swish", "mish"))
     params = {"none": 0, "per_feature": len(idx) + 1, "per_channel": (len(idx) + 1) * c}[wt]
-    return Built(lambda init: Shortcut(len(idx), c, wt, wn, act), (c, h, w), inputs=(ctx.index - 1,) + idx,
+    from_channels = tuple(ctx.shape_of(i)[0] for i in idx)
+    return Built(lambda init: Shortcut(len(idx), c, wt, wn, act, from_channels), (c, h, w),
+                 inputs=(ctx.index - 1,) + idx,
                  params=params, key="weights_type")
 
 

@@ -30,7 +30,7 @@ def plan_network(cfg: Cfg, input_shape) -> tuple[list[Built], list]:
     Returns one :class:`Built` per layer section and the head specs, in cfg order.
     """
     ctx = BuildContext(cfg.net, 0, [], tuple(input_shape))
-    plan, heads = [], []
+    plan, heads = ctx.built, []
     for s in cfg.layers:
         ctx.index = s.index
         builder = BUILDERS.get(s.type)
@@ -87,7 +87,12 @@ class DarknetModel(nn.Module):
         self.sections = cfg.layers
         plan, heads = plan_network(cfg, (c, h, w))
         self.memory = memory.check(cfg, plan, (c, h, w), limits)  # before any allocation
-        self.layers = nn.ModuleList([b.make(init) for b in plan])
+        layers = []
+        for b in plan:
+            layers.append(b.make(init))
+            if b.share is not None:  # share_index: this layer computes with another's parameters
+                layers[-1].share_parameters(layers[b.share])
+        self.layers = nn.ModuleList(layers)
         self.inputs = [b.inputs if b.inputs is not None else (s.index - 1,) for s, b in zip(cfg.layers, plan)]
         self.shapes = [b.shape for b in plan]
         self.spec = model_spec(cfg, w, h, source={"cfg": str(cfg.path), "darkconv": __version__})
@@ -172,10 +177,12 @@ class DarknetModel(nn.Module):
         outs = {-1: x}
         for i, layer in enumerate(self.layers):
             args = [outs[j] for j in self.inputs[i]]
-            if isinstance(layer, Convolutional):
+            if isinstance(layer, Convolutional) and layer.shares is None:  # a sharer's statistics are its owner's
                 c = layer.conv
                 y = torch.nn.functional.conv2d(args[0], c.weight, None, c.stride, c.padding, c.dilation, c.groups)
                 mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3)) + 1e-3
+                if y[:, :1].numel() < 2:  # one value per channel (a 1x1 map, batch 1): no spread to measure
+                    std = torch.ones_like(mean)
                 if layer.bn:
                     jitter = torch.rand(mean.shape, generator=g) * 0.2 + 0.9
                     layer.rolling_mean.copy_(mean)

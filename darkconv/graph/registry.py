@@ -29,6 +29,8 @@ class Built:
     params: int = 0     # floats this layer reads from the .weights file
     workspace: int = 0  # floats of its largest temporary: im2col (get_workspace_size32), padded input
     key: str | None = None  # the option that sizes the parameters (named in a memory error)
+    share: int | None = None  # layer whose parameters this one uses (share_index); the module gets share_parameters()
+    info: dict = field(default_factory=dict)  # what later builders may ask about this layer (conv geometry)
 
     def make(self, init: bool = True) -> torch.nn.Module:
         """The module; ``init=False`` leaves parameters uninitialised (the .weights will overwrite them)."""
@@ -43,6 +45,7 @@ class BuildContext:
     index: int
     shapes: list[Shape] = field(default_factory=list)
     input_shape: Shape = (3, 416, 416)
+    built: list[Built] = field(default_factory=list)  # the earlier layers' Built, in order
 
     @property
     def prev(self) -> Shape:
