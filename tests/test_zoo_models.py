@@ -112,6 +112,13 @@ SLOW = {"yolov4-csp-swish", "csresnext50-panet-spp", "yolov4-p5", "yolov4x-mish"
         "yolov4-sam-mish-csp-reorg-bfm", "resnet152_trident"}
 
 
+#: INT8 export (calibration + Q/DQ placement) is the costliest step on the big models; it is checked on the
+#: models that bring a distinct op mix to Q/DQ placement ([scale_channels] and depthwise groups, [sam] and
+#: [reorg3d], yolov7's concat-heavy ELAN blocks, shortcuts over fewer channels); the other big models repeat
+#: conv/route/shortcut/maxpool/upsample patterns these already cover, and their FP32/FP16 graphs are still checked.
+INT8_CHECKED = {"yolov3-tiny-prn", "enet-coco", "yolov7", "yolov4-sam-mish-csp-reorg-bfm"}
+
+
 @pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ZOO])
 def zoo(request, tmp_path_factory):
     """Parametrized per model (pytest runs all tests of one model together, then frees it)."""
@@ -146,7 +153,7 @@ def test_loads_with_random_weights(zoo):
 
 
 def test_exports_are_static_tensorrt_graphs(zoo, tmp_path):
-    """FP32, FP16 and INT8 (TensorRT Q/DQ recipe) exports: TensorRT ops only, no shape arithmetic;
+    """FP32, FP16 and INT8 (TensorRT Q/DQ recipe; INT8 on INT8_CHECKED) exports: TensorRT ops only, no shape arithmetic;
     FP32 on ONNX Runtime equals the torch model to float rounding."""
     m = zoo.model
     proto = to_onnx_model(m)
@@ -162,6 +169,8 @@ def test_exports_are_static_tensorrt_graphs(zoo, tmp_path):
     assert graph_problems(fp16, "fp16") == []
     save(fp16, tmp_path / "fp16.onnx")
     del fp16
+    if zoo.name not in INT8_CHECKED:
+        return
     calib = [np.random.default_rng(k).integers(0, 256, (zoo.size, zoo.size, 3), dtype=np.uint8) for k in range(2)]
     # export_onnx(precision="int8") = to_onnx_model + quantize_int8: the FP32 graph above is reused (no second trace)
     path = quantize_int8(proto, tmp_path / "int8.onnx", m.spec, calib, target="tensorrt")
