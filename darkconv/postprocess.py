@@ -12,8 +12,8 @@ Semantics (AlexeyAB darknet ``src/``), all arithmetic emulated in Darknet's prec
     ``objectness > thresh``; class ``j`` gets ``prob = objectness*class_j`` iff ``prob > thresh``.
 ``[region]`` (``forward_region_layer``, ``get_region_box``, ``get_region_boxes``,
 ``custom_get_region_detections``)
-    logistic objectness, softmax over classes (float32 sum in class order) when
-    ``softmax``; ``bx = (col + logistic(tx)) / lw``; ``bw = exp(tw)*anchor_w / lw``
+    logistic objectness (``classfix=-1``: 0 where under .5), softmax over classes (float32
+    sum in class order) when ``softmax``; ``bx = (col + logistic(tx)) / lw``; ``bw = exp(tw)*anchor_w / lw``
     (anchors in grid cells); ``prob = objectness*class_j`` kept iff ``> thresh``.
 Box correction (``correct_yolo_boxes``, used for both kinds in AlexeyAB)
     letterbox: integer ``new_w``/``new_h`` after a float32 aspect comparison;
@@ -136,6 +136,8 @@ def _decode_head(raw: np.ndarray, head: HeadSpec, net_w: int, net_h: int, thr: n
     obj_all = r[:, 4, :]
     if not new_coords:
         obj_all = _sigmoid32(obj_all)
+    if kind == "region" and int(head.classfix) == -1:     # get_region_boxes: scale = 0 if < .5
+        obj_all = np.where(obj_all < _F32(0.5), _F32(0), obj_all)
     # Darknet's order: cell i (row-major), then anchor n. [yolo] keeps a cell/anchor iff
     # objectness > thresh. [region] keeps all of them, but a pair needs obj*class > thresh,
     # which implies obj > thresh when class <= 1 (softmax); raw classes are unbounded.

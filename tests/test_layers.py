@@ -897,3 +897,61 @@ nms_kind=diounms
     assert hd.anchors[0] == (0.5, 0.6)
     assert hd.nms_kind == "default"  # parse_region does not read nms_kind
     assert [tuple(o.shape) for o in m(torch.zeros(2, 3, 32, 32))] == [(2, 35, 32, 32)]
+
+
+REGION_CFG = """[net]
+width=32
+height=32
+channels=3
+
+[convolutional]
+filters=35
+size=1
+activation=linear
+
+[region]
+anchors=0.5,0.6, 1,2, 3,4, 5,6, 7,8
+classes=2
+num=5
+{extra}
+"""
+
+
+def test_region_keys_follow_parse_region(tmp_path):
+    """parse_region (src/parser.c): softmax defaults to 0, coords to 4; classfix=-1 is the one training
+    key that acts at inference (get_region_boxes); map= is a training-only class map; background is not
+    read by AlexeyAB's parser at all (an unknown key)."""
+    import warnings
+
+    from darkconv.darknet.keys import UnknownKeyWarning
+    from darkconv.darknet.spec import ModelSpec
+    from darkconv.postprocess import decode
+
+    m = build_model(tmp_path / "t.cfg", text=REGION_CFG.format(extra=""))
+    (hd,) = m.spec.heads
+    assert (hd.softmax, hd.classfix) == (False, 0)
+    # a spec without the keys (e.g. written by hand) means what the cfg defaults mean
+    d = m.spec.to_dict()
+    for key in ("softmax", "classfix"):
+        del d["heads"][0][key]
+    assert ModelSpec.from_dict(d).heads[0] == hd
+    # softmax=0: the class values go into prob = objectness * class unchanged (Darknet: > 1 possible)
+    raw = np.zeros((1, 35, 32, 32), np.float32)
+    raw[0, 5:7] = 3.0
+    probs = decode([raw], m.spec, [(32, 32)], thresh=0.25)[0][2]
+    assert np.allclose(probs, 1.5)                        # logistic(0) * 3
+    m1 = build_model(tmp_path / "t1.cfg", text=REGION_CFG.format(extra="softmax=1\nclassfix=-1\nmap=none.map"))
+    assert (m1.spec.heads[0].softmax, m1.spec.heads[0].classfix) == (True, -1)
+    raw[0, 4::7] = -0.1                                   # objectness logistic(-0.1) = 0.475 < .5
+    m2 = build_model(tmp_path / "t2.cfg", text=REGION_CFG.format(extra="softmax=1"))
+    assert (decode([raw], m2.spec, [(32, 32)], thresh=0.2)[0][2] > 0).sum() == 2 * 5 * 32 * 32
+    assert (decode([raw], m1.spec, [(32, 32)], thresh=0.2)[0][2] > 0).sum() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownKeyWarning)
+        with pytest.raises(UnknownKeyWarning, match="background"):
+            build_model(tmp_path / "t2.cfg", text=REGION_CFG.format(extra="background=1"))
+    for extra, key in (("coords=5", "coords"), ("tree=data/9k.tree", "tree")):
+        text = REGION_CFG.format(extra=extra).replace("filters=35", "filters=40" if key == "coords" else "filters=35")
+        with pytest.raises(CfgError, match=key) as e:
+            build_model(tmp_path / "t3.cfg", text=text)
+        assert "t3.cfg:15: layer 1 [region]" in str(e.value)   # the key's line

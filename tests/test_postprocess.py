@@ -140,6 +140,8 @@ def ref_custom_get_region_detections(raw, head, w, h, netw, neth, thresh, letter
         for n in range(head.num_anchors):
             index = i * head.num_anchors + n
             scale = out[index * size + 4]
+            if head.classfix == -1 and scale < .5:
+                scale = F(0)
             bi = index * size
             bx = (F(col) + logistic(out[bi + 0])) / F(lw)
             by = (F(row) + logistic(out[bi + 1])) / F(lh)
@@ -329,9 +331,10 @@ def yolo_spec(classes=4, new_coords=0, scale=1.0, grids=((4, 6), (8, 12)), nms_k
     return ModelSpec(net[0], net[1], letter_box=letter, heads=heads)
 
 
-def region_spec(classes=5, softmax=True, grid=(5, 7)):
+def region_spec(classes=5, softmax=True, grid=(5, 7), classfix=0):
     anchors = ((0.57, 0.68), (1.87, 2.06), (3.34, 5.47), (7.88, 3.53), (9.77, 9.17))
-    return ModelSpec(288, 224, heads=(HeadSpec("region", 30, classes, anchors, (), grid, softmax=softmax),))
+    return ModelSpec(288, 224, heads=(HeadSpec("region", 30, classes, anchors, (), grid, softmax=softmax,
+                                               classfix=classfix),))
 
 
 def random_heads(spec, rng, n=1, obj_bias=0.0, new_coords=False):
@@ -365,17 +368,22 @@ def test_yolo_random_vs_reference(new_coords, scale, kind, letter):
     assert len(no_nms) > len(ref)
 
 
-@pytest.mark.parametrize("softmax", [True, False])
-def test_region_random_vs_reference(softmax):
+@pytest.mark.parametrize("softmax,classfix", [(True, 0), (False, 0), (True, -1), (False, -1)])
+def test_region_random_vs_reference(softmax, classfix):
     rng = np.random.default_rng(3 + softmax)
-    spec = region_spec(softmax=softmax)
+    spec = region_spec(softmax=softmax, classfix=classfix)
     raws = random_heads(spec, rng, obj_bias=1.0)
     for size, letter in (((640, 480), False), ((480, 640), True)):
         got = postprocess(raws, spec, [size], letterbox=letter, thresh=0.2)[0]
         ref = ref_detect([r[0] for r in raws], spec, *size, thresh=0.2, letter=letter)
         assert len(ref) > 10
         assert_same(as_tuples(got), ref)
-    if not softmax:
+    if classfix == -1:
+        # get_region_boxes: objectness under .5 gives no classes, even with raw class values > 1
+        assert got.objectness.min() >= 0.5
+        plain = postprocess(raws, region_spec(softmax=softmax), [size], letterbox=letter, thresh=0.2)[0]
+        assert np.any(plain.objectness < 0.5)
+    elif not softmax:
         # raw (unbounded) class values: Darknet's region keeps pairs whose objectness
         # alone is under the threshold; make sure some exist and are found
         assert np.any((got.objectness <= 0.2) & (got.scores > 0.2))
