@@ -475,6 +475,130 @@ def test_maxpool_antialiasing(tmp_path, aa, stride):
     check(net.run(x)[0], ref)
 
 
+def _mm256_max_ps(a, b):
+    return [x if x > y else y for x, y in zip(a, b)]            # MAXPS: the second operand unless a > b
+
+
+def _mm256_permute_ps(v, imm):                                   # within each 128-bit half
+    return [v[4 * (i // 4) + ((imm >> (2 * (i % 4))) & 3)] for i in range(8)]
+
+
+def _mm_shuffle_ps(a, b, imm):
+    return [a[imm & 3], a[(imm >> 2) & 3], b[(imm >> 4) & 3], b[(imm >> 6) & 3]]
+
+
+def np_maxpool_avx(x, size, stride, pad):
+    """forward_maxpool_layer_avx (src/gemm.c, the AVX build) on one sample, on flat memory: 8-lane
+    (stride 1) and 4-lane (size 2, stride 2) blocks whose tap test looks at lane 0 only, then the
+    plain loop for the remaining columns of the row."""
+    c, h, w = x.shape
+    out_h, out_w = (h + pad - size) // stride + 1, (w + pad - size) // stride + 1
+    src = list(x.ravel()) + [np.nan] * 8                         # a read past the end shows as NaN
+    dst = np.zeros(c * out_h * out_w)
+    off = -(pad // 2)
+    for k in range(c):
+        for i in range(out_h):
+            j = 0
+            if stride == 1:
+                while j < out_w - 8 - (size - 1):
+                    out_index = j + out_w * (i + out_h * k)
+                    max256 = [-FLT_MAX] * 8
+                    for n in range(size):
+                        for m in range(size):
+                            cur_h, cur_w = off + i * stride + n, off + j * stride + m
+                            index = cur_w + w * (cur_h + h * k)
+                            if not (0 <= cur_h < h and 0 <= cur_w < w):
+                                continue
+                            max256 = _mm256_max_ps(src[index:index + 8], max256)
+                    dst[out_index:out_index + 8] = max256
+                    j += 8
+            elif size == 2 and stride == 2:
+                while j < out_w - 4:
+                    out_index = j + out_w * (i + out_h * k)
+                    max128 = [-FLT_MAX] * 4
+                    for n in range(size):
+                        m = 0
+                        cur_h, cur_w = off + i * stride + n, off + j * stride + m
+                        index = cur_w + w * (cur_h + h * k)
+                        if not (0 <= cur_h < h and 0 <= cur_w < w):
+                            continue
+                        src256 = src[index:index + 8]
+                        max256 = _mm256_max_ps(src256, _mm256_permute_ps(src256, (1 << 0) | (3 << 4)))
+                        src128 = _mm_shuffle_ps(max256[:4], max256[4:], (2 << 2) | (2 << 6))
+                        max128 = [a if a > b else b for a, b in zip(src128, max128)]
+                    dst[out_index:out_index + 4] = max128
+                    j += 4
+            while j < out_w:
+                out_index = j + out_w * (i + out_h * k)
+                best = -FLT_MAX
+                for n in range(size):
+                    for m in range(size):
+                        cur_h, cur_w = off + i * stride + n, off + j * stride + m
+                        index = cur_w + w * (cur_h + h * k)
+                        val = src[index] if 0 <= cur_h < h and 0 <= cur_w < w else -FLT_MAX
+                        best = val if val > best else best
+                dst[out_index] = best
+                j += 1
+    return dst.reshape(c, out_h, out_w)
+
+
+AVX_CASES = {   # (h, w, options, (size, stride, pad), the AVX build differs from the GPU build)
+    "spp5-13x13": (13, 13, "size=5\nstride=1", (5, 1, 4), True),      # yolov3-spp at 416
+    "spp9-19x19": (19, 19, "size=9\nstride=1", (9, 1, 8), True),      # yolov4 at 608
+    "spp13-19x19": (19, 19, "size=13\nstride=1", (13, 1, 12), False),  # out_w too narrow for a block
+    "spp5-6x30": (6, 30, "size=5\nstride=1", (5, 1, 4), True),        # several blocks per row
+    "size2-stride1": (9, 21, "size=2\nstride=1", (2, 1, 1), False),   # pad/2 = 0: lane 0 never in padding
+    "size3-padding0": (7, 20, "size=3\nstride=1\npadding=0", (3, 1, 0), False),
+    "size2-stride2": (8, 22, "size=2\nstride=2", (2, 2, 1), False),
+    "size2-stride2-padding2": (8, 22, "size=2\nstride=2\npadding=2", (2, 2, 2), True),
+    "size3-stride2": (9, 23, "size=3\nstride=2", (3, 2, 2), False),   # plain loop in both builds
+}
+
+
+@pytest.mark.parametrize("case", list(AVX_CASES))
+def test_maxpool_darknet_cpu_avx_emulation(tmp_path, case):
+    from darkconv.graph.layers import set_darknet_cpu_avx_maxpool
+
+    h, w, opts, (size, stride, pad), differs = AVX_CASES[case]
+    x = np.random.default_rng(11).normal(0, 1, (2, 3, h, w))
+    net = Net(tmp_path, cfg(3, h, w, f"[maxpool]\n{opts}\n"))
+    plain = per_sample(lambda s: np_maxpool(s, size, stride, stride, pad), x)
+    avx = per_sample(lambda s: np_maxpool_avx(s, size, stride, pad), x)
+    assert (not np.array_equal(avx, plain)) == differs
+    check(net.run(x)[0], plain)                                  # default: GPU / non-AVX semantics
+    set_darknet_cpu_avx_maxpool(net.model)
+    check(net.run(x)[0], avx)
+    set_darknet_cpu_avx_maxpool(net.model, False)
+    check(net.run(x)[0], plain)
+
+
+def test_maxpool_darknet_cpu_avx_emulation_antialiasing_and_load(tmp_path):
+    """antialiasing pools at stride 1 (make_maxpool_layer), so the AVX build's stride-1 loop runs
+    there too; darkconv.load(..., darknet_cpu_avx_maxpool=True) switches every maxpool."""
+    import darkconv
+
+    x = np.random.default_rng(12).normal(0, 1, (2, 3, 8, 20))
+    net = Net(tmp_path, cfg(3, 8, 20, "[maxpool]\nsize=3\nstride=2\nantialiasing=1\n"))
+    from darkconv.graph.layers import set_darknet_cpu_avx_maxpool
+    set_darknet_cpu_avx_maxpool(net.model)
+    ref = per_sample(lambda s: np_blur(np_maxpool_avx(s, 3, 1, 2), 1, 2, 2), x)
+    assert not np.allclose(ref, per_sample(lambda s: np_blur(np_maxpool(s, 3, 1, 1, 2), 1, 2, 2), x))
+    check(net.run(x)[0], ref)
+    (tmp_path / "t.cfg").write_text(cfg(3, 8, 20, "[maxpool]\nsize=3\nstride=2\nantialiasing=1\n"))
+    m = darkconv.load(tmp_path / "t.cfg", tmp_path / "t.weights", darknet_cpu_avx_maxpool=True)
+    assert [l.cpu_avx for l in m.layers if hasattr(l, "cpu_avx")] == [True]
+
+
+def test_maxpool_darknet_cpu_avx_emulation_refuses_reads_past_the_row(tmp_path):
+    from darkconv.graph.layers import set_darknet_cpu_avx_maxpool
+
+    net = Net(tmp_path, cfg(3, 5, 34, "[maxpool]\nsize=3\nstride=1\npadding=12\n"))
+    x = np.arange(3 * 5 * 34, dtype=np.float64).reshape(3, 5, 34)   # increasing: the next row wins
+    assert (np_maxpool_avx(x, 3, 1, 12) > np_maxpool(x, 3, 1, 1, 12)).any()   # the C loop reads the next row
+    with pytest.raises(CfgError, match=r"t\.cfg:\d+: layer 0 \[maxpool\].*reads past the row"):
+        set_darknet_cpu_avx_maxpool(net.model)
+
+
 LOCAL_AVG_CASES = {
     "size3-stride2": (7, 6, "size=3\nstride=2", (3, 2, 2, 2)),
     "size2-stride1": (5, 6, "size=2\nstride=1", (2, 1, 1, 1)),
