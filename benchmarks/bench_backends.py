@@ -44,6 +44,7 @@ from darkconv import bench as bm
 from darkconv import zoo
 from darkconv.preprocess import load_image
 from darkconv.errors import DarkconvError
+from darkconv.io import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -128,7 +129,7 @@ def args_threads(runner, threads):
 # -- one model through every backend ----------------------------------------------------------------
 def bench_model(name, cfg, weights, *, random_weights, threads, batches, rounds, iters, warmup, workdir, reps,
                 quick):
-    res = {"model": name, "cfg": str(cfg), "weights_sha256": bm.sha256_file(weights),
+    res = {"model": name, "cfg": str(cfg), "weights_sha256": sha256_file(weights),
            "random_weights": random_weights, "backends": {}, "latency": {}, "errors": {}, "load": None,
            "interrupted": False}
     onnx_fp32 = Path(workdir) / f"{name}-fp32.onnx"

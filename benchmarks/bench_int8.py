@@ -46,6 +46,7 @@ from darkconv import int8 as I  # noqa: E402
 from darkconv import zoo  # noqa: E402
 from darkconv.compare import DetectionDiff, compare_detections  # noqa: E402
 from darkconv.cpu import cpu_info  # noqa: E402
+from darkconv.io import sha256_file  # noqa: E402
 from darkconv.export import quantize as qz  # noqa: E402
 from darkconv.export.onnx import to_onnx_model  # noqa: E402
 from darkconv.pipeline import DATA  # noqa: E402
@@ -170,7 +171,7 @@ def bench_model(name, args, work):
     A = sorted(DATA.glob("*.jpg"))
     B = zoo.fetch_images("photos", log=log)
     folds = [("A->B", A, B), ("B->A", B, A)]
-    res = {"model": name, "cfg": files.cfg.name, "weights_sha256": zoo.sha256(files.weights), "folds": {},
+    res = {"model": name, "cfg": files.cfg.name, "weights_sha256": sha256_file(files.weights), "folds": {},
            "accuracy": [], "latency": {}, "mixed": [], "calibration_s": {}}
     with cpu_lock(False):
         evs = {}

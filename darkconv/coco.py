@@ -260,7 +260,7 @@ def _version(dist: str) -> str:
 
 
 def write_results(path, rows: Sequence[tuple]) -> Path:
-    from .darknet.weights import atomic_write
+    from .io import atomic_write
 
     path = Path(path)
     atomic_write(path, [format_detector_valid(rows).encode()])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .darknet.weights import atomic_write
+from .io import atomic_write
 from .errors import ImageError, InferenceError
 from .pipeline import Timings, detect_arrays
 from .postprocess import Detections

@@ -176,17 +176,9 @@ def parse_ref(ref) -> tuple[str, str]:
     return canonical(backend), precision
 
 
-def _artifact_precision(model, kind) -> str:
-    if kind == "onnx":
-        from .bench import _onnx_precision
-        return _onnx_precision(model)
-    from .export.tensorrt import read_sidecar
-    return str(read_sidecar(model).get("precision", "fp32"))
-
-
 def _open(model, weights, backend, precision, *, threads, width, height, calib, workdir, log, url=None):
     """A runner for ``model`` on ``backend`` at ``precision`` (through ``pipeline.open_runner``) and what runs."""
-    from .pipeline import default_backend, model_kind, open_runner
+    from .pipeline import artifact_precision, default_backend, model_kind, open_runner
     from .runners import canonical
 
     backend = canonical(backend or ("triton" if url else default_backend(model)))
@@ -205,7 +197,7 @@ def _open(model, weights, backend, precision, *, threads, width, height, calib, 
     else:
         if width or height:
             raise DarkconvError(f"an {kind} has a fixed input size: --size only applies to a cfg", file=str(model))
-        actual = _artifact_precision(model, kind)
+        actual = artifact_precision(model)
         if precision and precision != actual:
             raise DarkconvError(f"this {kind} is {actual}, not {precision}: convert again for another precision",
                                 file=str(model))
@@ -216,13 +208,13 @@ def _open(model, weights, backend, precision, *, threads, width, height, calib, 
 
 
 def _model_info(model, weights, backend, precision, runner) -> dict:
-    from .bench import sha256_file
+    from .io import sha256_file
     from .pipeline import model_kind
 
     spec = runner.spec
     kind = model_kind(model)
     return {"path": str(model), "kind": "served" if backend == "triton" else kind,
-            "sha256": sha256_file(model) if Path(model).is_file() else None,
+            "sha256": sha256_file(model),
             "weights": str(weights) if weights else None, "weights_sha256": sha256_file(weights),
             "backend": backend, "precision": precision, "runs_on": runner.describe(),
             "input": [spec.width, spec.height], "classes": spec.classes, "letter_box": bool(spec.letter_box),
@@ -454,7 +446,7 @@ def format_summary(result: EvalResult) -> str:
 def write_json(result: EvalResult, path) -> Path:
     import json
 
-    from .darknet.weights import atomic_write
+    from .io import atomic_write
 
     path = Path(path)
     atomic_write(path, [(json.dumps(result.as_dict(), indent=1) + "\n").encode()])
@@ -470,7 +462,7 @@ def plot(result: EvalResult, path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .darknet.weights import atomic_write
+    from .io import atomic_write
 
     mp = result.map
     with_gt = sorted((c for c in mp.classes if c.truths > 0), key=lambda c: (-c.ap, c.class_id))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .darknet.weights import atomic_write
+from .io import atomic_write
 from .int8 import Int8Outcome, fmt_agreement
 
 

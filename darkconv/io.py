@@ -9,6 +9,7 @@
 * :func:`check_output_path` / :func:`prepare_output_dir` do these checks (and a write probe
   in the folder) *before* expensive work, so a command fails in milliseconds, not after a
   full load and export.
+* :func:`sha256_file` is the one file hash (cache checks, sidecars, provenance in reports).
 * Temp files left by a killed process (SIGKILL, power loss) are removed by the next write
   into the same folder, once their process is gone; a SIGTERM/SIGINT'd darkconv removes its
   own (the CLI turns both into a clean exit).
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import re
 import secrets
@@ -178,6 +180,17 @@ def atomic_write(path: str | Path, chunks) -> None:
         raise
     finally:
         _LIVE.discard(str(tmp))
+
+
+def sha256_file(path: str | Path | None) -> str | None:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks; None for ``None`` or a path that is not a file."""
+    if path is None or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from .darknet.spec import NMS_KINDS, HeadSpec, ModelSpec
+from .geometry import letterbox_geometry
 
 __all__ = ["Detections", "postprocess", "decode", "nms_keep", "box_iou", "box_diou", "darknet_rank"]
 
@@ -191,10 +192,7 @@ def _correct_boxes(boxes: np.ndarray, w: int, h: int, net_w: int, net_h: int, le
     """Darknet ``correct_yolo_boxes`` (relative=1) on (K, 4) float32 boxes."""
     if not letter or boxes.shape[0] == 0:
         return boxes                                      # new_w=netw: exact identity
-    if (_F32(net_w) / _F32(w)) < (_F32(net_h) / _F32(h)):
-        new_w, new_h = net_w, (h * net_w) // w
-    else:
-        new_h, new_w = net_h, (w * net_h) // h
+    new_w, new_h, _, _ = letterbox_geometry(w, h, net_w, net_h)
     deltaw, deltah = _F32(net_w - new_w), _F32(net_h - new_h)
     ratiow, ratioh = _F32(new_w) / _F32(net_w), _F32(new_h) / _F32(net_h)
     out = np.empty_like(boxes)

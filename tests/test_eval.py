@@ -143,7 +143,7 @@ def test_cli_demo_writes_json_plot_and_coco_json(tmp_path):
     d = json.loads(j.read_text())
     assert d["schema"] == "darkconv.eval/1" and d["settings"]["points"] == 101
     assert d["darknet_map"]["truths"] == 15 and len(d["darknet_map"]["classes"]) == 80
-    from darkconv.zoo import sha256
+    from darkconv.io import sha256_file as sha256
     assert d["model"]["weights_sha256"] == sha256(Path(d["model"]["weights"]))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(cj.read_text()) and cj.read_text().startswith("[\n{\"image_id\":")

@@ -21,7 +21,9 @@ import darkconv
 from darkconv.compare import head_errors
 from darkconv.darknet.spec import ModelSpec
 from darkconv.errors import DarkconvError, ExportError, ImageError
-from darkconv.export.onnx import INPUT_NAME, SPEC_KEY, export_onnx, head_names, read_spec, to_onnx_model
+from darkconv.darknet.spec import SPEC_KEY
+from darkconv.export.onnx import INPUT_NAME, export_onnx, head_names, to_onnx_model
+from darkconv.onnx_meta import read_spec
 from darkconv.export.quantize import check_tensorrt_qdq
 from darkconv.parity import TOLERANCES, run_parity
 from darkconv.pipeline import read_names

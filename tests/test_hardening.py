@@ -405,7 +405,7 @@ def test_onnx_with_empty_spec_is_one_line(tmp_path, default_onnx):
     one_line_error(r, f"{bad}: the darkconv.spec metadata is invalid (missing 'width'): re-export it with "
                       "`darkconv convert`")
     with pytest.raises(ExportError, match="head 0"):
-        from darkconv.export.onnx import spec_from_json
+        from darkconv.darknet.spec import spec_from_json
         spec_from_json('{"width": 416, "height": 416, "heads": [{"kind": "yolo", "layer": 1, "classes": -4, '
                        '"anchors": [[1, 2]], "grid": [13, 13]}]}')
 

@@ -585,7 +585,7 @@ def test_build_strongly_typed_profile_workspace_cache(fake, tmp_path, onnx_file)
     assert sc["precision"] == "fp16" and sc["tensorrt"] == TRT_VERSION
     assert sc["gpu"] == GPU and sc["compute_capability"] == CC
     assert sc["input"] == {"name": "images", "shape": [3, 32, 64], "batch": [1, 2, 8]}
-    from darkconv.zoo import sha256
+    from darkconv.io import sha256_file as sha256
     assert sc["cfg_sha256"] == sha256(cfg) and sc["weights_sha256"] == SHA_B
     assert sc["onnx_sha256"] == sha256(onnx_file)
     assert sorted(p.name for p in engine.parent.iterdir()) == ["m.engine", "m.engine.json"]  # atomic: no temps

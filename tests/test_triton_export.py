@@ -62,7 +62,7 @@ def test_python_platform_and_uint8_images(repos):
 
 
 def test_tensorrt_config_parses(default_onnx):
-    from darkconv.export.onnx import read_spec
+    from darkconv.onnx_meta import read_spec
 
     spec = read_spec(default_onnx)
     text = tx.config_text(tx.model_config("y", spec, "tensorrt", max_batch=4))

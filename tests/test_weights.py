@@ -9,7 +9,8 @@ import torch
 
 import darkconv
 from darkconv.darknet import weights as weights_mod
-from darkconv.darknet.weights import WeightsReader, WeightsWriter, atomic_write
+from darkconv.darknet.weights import WeightsReader, WeightsWriter
+from darkconv.io import atomic_write
 from darkconv.errors import DarkconvError, WeightsError
 
 # one layer of every kind that has parameters, with both BN and plain convs

@@ -12,6 +12,7 @@ import pytest
 
 from darkconv import zoo
 from darkconv.errors import DarkconvError
+from darkconv.io import sha256_file
 
 
 def _wheel(files: dict[str, bytes]) -> bytes:
@@ -122,5 +123,5 @@ def test_unknown_model():
 
 def test_default_model_hashes_are_the_official_ones(default_model):
     """Pinned independently of zoo.py: the official yolov3-tiny weights' sha256 (from the project brief)."""
-    assert zoo.sha256(default_model.weights) == "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c"
+    assert sha256_file(default_model.weights) == "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c"
     assert Path(default_model.cfg).name == "yolov3-tiny.cfg"

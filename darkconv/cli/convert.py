@@ -56,7 +56,7 @@ def convert(cfg, weights, output, precision, calib, check, calib_method, int8_ta
     import darkconv
     from ..export.onnx import export_onnx
     from ..pipeline import resolve_names
-    from ..zoo import sha256
+    from ..io import sha256_file
 
     width, height = parse_size(size)
     onnx_batch, profile = parse_batch(batch)
@@ -89,7 +89,7 @@ def convert(cfg, weights, output, precision, calib, check, calib_method, int8_ta
     t1 = time.perf_counter()
     spec = model.spec
     spec = spec.with_names(resolve_names(spec, names)) if names else spec  # checks the count
-    spec.source.update({"cfg_sha256": sha256(Path(cfg)), "weights_sha256": sha256(Path(weights))})
+    spec.source.update({"cfg_sha256": sha256_file(cfg), "weights_sha256": sha256_file(weights)})
     click.echo(f"loaded {cfg} + {weights}: {len(model.layers)} layers, {model.count_floats():,} weights, "
                f"input {spec.width}x{spec.height}, heads {[h.grid for h in spec.heads]} ({t1 - t0:.2f} s)")
     if plan is None:
@@ -140,7 +140,7 @@ def plan_int8(calib, check, target, recipe_name, engine) -> dict:
 
 
 def convert_int8_cli(model, spec, output, plan, onnx_batch, opset, method, budget, report):
-    from ..darknet.weights import atomic_write
+    from ..io import atomic_write
     from ..export.onnx import to_onnx_model
     from ..int8 import Int8Error, convert_int8, fmt_agreement
     from ..int8_report import outcome_lines, write_report

@@ -7,7 +7,15 @@ Pure data, JSON round-trippable, numpy-free.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
+
+from ..errors import ExportError
+
+#: the key the spec's JSON is stored under: ONNX ``metadata_props``, Triton model config parameters
+SPEC_KEY = "darkconv.spec"
+#: the network input tensor of every artifact (ONNX, engine, served model): float32 (N, C, H, W)
+INPUT_NAME = "images"
 
 #: Darknet's NMS kinds (``nms_kind`` in [yolo]/[region]; src/parser.c)
 NMS_KINDS = ("default", "greedynms", "diounms", "cornersnms")
@@ -43,6 +51,11 @@ class HeadSpec:
     def channels(self) -> int:
         return self.num_anchors * (5 + self.classes)
 
+    @property
+    def name(self) -> str:
+        """The head's tensor name in every artifact (ONNX output, engine tensor, Triton output)."""
+        return f"head_{self.layer}"
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -68,6 +81,11 @@ class ModelSpec:
     @property
     def beta_nms(self) -> float:
         return self.heads[-1].beta_nms if self.heads else 0.6
+
+    @property
+    def head_names(self) -> list[str]:
+        """Output tensor names, one per head in cfg order: ``head_<darknet layer index>``."""
+        return [h.name for h in self.heads]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,3 +114,47 @@ class ModelSpec:
     def with_letterbox(self, letter_box: bool) -> "ModelSpec":
         return ModelSpec(self.width, self.height, self.channels, bool(letter_box), self.heads,
                          self.names, dict(self.source))
+
+
+def spec_from_cfg(cfg, width: int | None = None, height: int | None = None) -> ModelSpec:
+    """The spec of a cfg (a path or a parsed :class:`~darkconv.darknet.cfg.Cfg`), without torch:
+    :func:`darkconv.darknet.shapes.model_spec`."""
+    from .cfg import Cfg, parse_cfg
+    from .shapes import model_spec
+
+    return model_spec(cfg if isinstance(cfg, Cfg) else parse_cfg(cfg), width, height)
+
+
+def spec_from_json(text: str, where: str | None = None) -> ModelSpec:
+    """A ModelSpec from its stored JSON, checked so that the postprocessor can use it as it is: a
+    damaged or hand-edited spec is a one-line :class:`ExportError`, never a KeyError or IndexError later."""
+    def bad(why: str) -> ExportError:
+        return ExportError(f"the {SPEC_KEY} metadata is invalid ({why}): re-export it with `darkconv convert`",
+                           file=where)
+
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise bad(f"not JSON: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise bad(f"a JSON {type(raw).__name__}, not an object")
+    try:
+        spec = ModelSpec.from_dict(raw)
+    except KeyError as e:
+        raise bad(f"missing {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise bad(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if not (spec.width >= 1 and spec.height >= 1 and spec.channels >= 1):
+        raise bad(f"input {spec.width}x{spec.height}x{spec.channels}")
+    if not spec.heads:
+        raise bad("no heads")
+    for k, h in enumerate(spec.heads):
+        ok = (h.kind in ("yolo", "region") and isinstance(h.classes, int) and h.classes >= 1 and h.anchors
+              and all(len(a) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in a)
+                      for a in h.anchors)
+              and len(h.grid) == 2 and all(isinstance(g, int) and g >= 1 for g in h.grid)
+              and h.nms_kind in NMS_KINDS and isinstance(h.scale_x_y, (int, float)) and math.isfinite(h.scale_x_y)
+              and isinstance(h.beta_nms, (int, float)) and math.isfinite(h.beta_nms))
+        if not ok:
+            raise bad(f"head {k} ({h.kind}, classes={h.classes!r}, {len(h.anchors)} anchors, grid {h.grid!r})")
+    return spec

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WeightsError
-from ..io import atomic_write  # noqa: F401  (the one atomic writer; re-exported here for existing callers)
+from ..io import atomic_write
 
 
 @dataclass(frozen=True)

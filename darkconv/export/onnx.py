@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -19,19 +18,17 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import __version__
-from ..darknet.spec import ModelSpec
-from ..darknet.weights import atomic_write
+from ..darknet.spec import INPUT_NAME, SPEC_KEY, ModelSpec
+from ..io import atomic_write
 from ..errors import ExportError
 
-INPUT_NAME = "images"
-SPEC_KEY = "darkconv.spec"
 DEFAULT_OPSET = 18
 PROTOBUF_LIMIT = 2**31 - 2**24  # bytes of inline weights an ONNX protobuf can hold (with room for the graph)
 
 
 def head_names(spec: ModelSpec) -> list[str]:
-    """Stable output names: ``head_<darknet layer index>``, in cfg order."""
-    return [f"head_{h.layer}" for h in spec.heads]
+    """Stable output names: ``head_<darknet layer index>``, in cfg order (:attr:`HeadSpec.name`)."""
+    return spec.head_names
 
 
 def to_onnx_model(model, *, batch: str | int = "dynamic", opset: int = DEFAULT_OPSET,
@@ -112,73 +109,6 @@ def set_metadata(proto: onnx.ModelProto, spec: ModelSpec) -> None:
         proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     proto.producer_name, proto.producer_version = "darkconv", __version__
     proto.doc_string = "Darknet model exported by darkconv; raw head tensors, decode with darkconv.postprocess"
-
-
-def read_spec(proto_or_path) -> ModelSpec:
-    """The ModelSpec stored in an ONNX file by darkconv (ModelMismatch-style error if absent)."""
-    if isinstance(proto_or_path, onnx.ModelProto):
-        proto = proto_or_path
-    else:
-        try:
-            proto = onnx.load(str(proto_or_path), load_external_data=False)
-        except OSError as e:
-            raise ExportError(f"cannot read: {e.strerror}", file=str(proto_or_path)) from None
-        except Exception:
-            raise ExportError("not a valid ONNX file (corrupt, truncated, or another format)",
-                              file=str(proto_or_path)) from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    where = None if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
-    if SPEC_KEY not in meta:
-        raise ExportError("this ONNX has no darkconv metadata: export it with `darkconv convert`", file=where)
-    spec = spec_from_json(meta[SPEC_KEY], where)
-    outputs = list(proto.graph.output)
-    if len(outputs) != len(spec.heads):
-        raise ExportError(f"the {SPEC_KEY} metadata describes {len(spec.heads)} heads but the graph has "
-                          f"{len(outputs)} outputs: re-export it with `darkconv convert`", file=where)
-    for out, h in zip(outputs, spec.heads):  # static dims must agree with the spec (0 = symbolic)
-        dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
-        want = [0, h.channels, *h.grid]
-        if len(dims) == 4 and any(d and w and d != w for d, w in zip(dims, want)):
-            raise ExportError(f"output {out.name} is {dims[1:]} but the {SPEC_KEY} metadata says "
-                              f"{want[1:]} (channels, grid): re-export it with `darkconv convert`", file=where)
-    return spec
-
-
-def spec_from_json(text: str, where: str | None = None) -> ModelSpec:
-    """A ModelSpec from its stored JSON, checked so that the postprocessor can use it as it is: a
-    damaged or hand-edited spec is a one-line :class:`ExportError`, never a KeyError or IndexError later."""
-    def bad(why: str) -> ExportError:
-        return ExportError(f"the {SPEC_KEY} metadata is invalid ({why}): re-export it with `darkconv convert`",
-                           file=where)
-
-    try:
-        raw = json.loads(text)
-    except ValueError as e:
-        raise bad(f"not JSON: {e.msg}") from None
-    if not isinstance(raw, dict):
-        raise bad(f"a JSON {type(raw).__name__}, not an object")
-    try:
-        spec = ModelSpec.from_dict(raw)
-    except KeyError as e:
-        raise bad(f"missing {e.args[0]!r}") from None
-    except (TypeError, ValueError, AttributeError) as e:
-        raise bad(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    if not (spec.width >= 1 and spec.height >= 1 and spec.channels >= 1):
-        raise bad(f"input {spec.width}x{spec.height}x{spec.channels}")
-    if not spec.heads:
-        raise bad("no heads")
-    from ..darknet.spec import NMS_KINDS
-
-    for k, h in enumerate(spec.heads):
-        ok = (h.kind in ("yolo", "region") and isinstance(h.classes, int) and h.classes >= 1 and h.anchors
-              and all(len(a) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in a)
-                      for a in h.anchors)
-              and len(h.grid) == 2 and all(isinstance(g, int) and g >= 1 for g in h.grid)
-              and h.nms_kind in NMS_KINDS and isinstance(h.scale_x_y, (int, float)) and math.isfinite(h.scale_x_y)
-              and isinstance(h.beta_nms, (int, float)) and math.isfinite(h.beta_nms))
-        if not ok:
-            raise bad(f"head {k} ({h.kind}, classes={h.classes!r}, {len(h.anchors)} anchors, grid {h.grid!r})")
-    return spec
 
 
 # -- FP16 -------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from ..darknet.spec import ModelSpec
-from ..darknet.weights import atomic_write
+from ..io import atomic_write
 from ..errors import ExportError
 from ..preprocess import IMAGE_EXTS, list_images  # noqa: F401  (re-exported)
 

@@ -23,13 +23,12 @@ import json
 from pathlib import Path
 
 from .. import __version__
-from ..darknet.spec import ModelSpec
-from ..darknet.weights import atomic_write
+from ..darknet.spec import INPUT_NAME, ModelSpec
+from ..io import atomic_write, sha256_file
 from ..errors import BackendUnavailable, DarkconvError, ExportError, ModelMismatch
 
 INSTALL_HINT = "pip install 'darkconv[trt]' (needs an NVIDIA GPU and driver)"
 REBUILD_HINT = "rebuild with darkconv convert --engine"
-INPUT_NAME = "images"
 PRECISIONS = ("fp32", "fp16", "int8")
 SIDECAR_SUFFIX = ".json"
 
@@ -273,14 +272,6 @@ def check_sidecar(sidecar: dict, *, trt_version: str, gpu: str, cc: str, cfg_sha
 
 
 # -- build ----------------------------------------------------------------------------
-def _sha_of(path) -> str | None:
-    p = Path(path)
-    if not p.is_file():
-        return None
-    from ..zoo import sha256
-    return sha256(p)
-
-
 def _source_shas(spec: ModelSpec, source: dict | None) -> tuple[str | None, str | None]:
     """cfg/weights sha256 from ``source`` (``cfg_sha256``/``weights_sha256``, or ``cfg``/``weights``
     paths to hash), falling back to the paths recorded in ``spec.source``."""
@@ -291,7 +282,7 @@ def _source_shas(spec: ModelSpec, source: dict | None) -> tuple[str | None, str 
             if src.get(f"{key}_sha256"):
                 val = str(src[f"{key}_sha256"])
             elif src.get(key):
-                val = _sha_of(src[key])
+                val = sha256_file(src[key])
             if val:
                 break
         out.append(val)
@@ -405,7 +396,7 @@ def build_engine(onnx_path, engine_path, spec: ModelSpec, precision: str, batch=
 
     cfg_sha, weights_sha = _source_shas(spec, source)
     sidecar = make_sidecar(spec, precision=precision, batch=b, trt_version=trt.__version__, gpu=gpu, cc=cc,
-                           cfg_sha256=cfg_sha, weights_sha256=weights_sha, onnx_sha256=_sha_of(onnx_path),
+                           cfg_sha256=cfg_sha, weights_sha256=weights_sha, onnx_sha256=sha256_file(onnx_path),
                            engine_sha256=hashlib.sha256(data).hexdigest())
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     side = sidecar_path(engine_path)

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..darknet.spec import ModelSpec
-from ..darknet.weights import atomic_write
+from ..io import atomic_write
+from ..onnx_meta import onnx_precision
 from ..errors import DarkconvError, ExportError
 from ..triton_models import DETECTION_OUTPUTS, IMAGE, IMAGE_SIZE, SPEC_PARAM, TENSOR_INPUT
 
@@ -328,12 +329,13 @@ def write_config(path, cfg) -> None:
 
 def _source_onnx(model, weights, work: Path, precision: str, calib, names, log) -> tuple[Path, ModelSpec]:
     from ..pipeline import model_kind, resolve_names
-    from .onnx import export_onnx, read_spec
+    from ..onnx_meta import read_spec
+    from .onnx import export_onnx
 
     kind = model_kind(model)
     if kind == "onnx":
-        if precision != "fp32" and precision != _onnx_precision(model):
-            raise ExportError(f"this ONNX is {_onnx_precision(model)}: --precision applies to a cfg",
+        if precision != "fp32" and precision != onnx_precision(model):
+            raise ExportError(f"this ONNX is {onnx_precision(model)}: --precision applies to a cfg",
                               file=str(model))
         return Path(model), read_spec(model)
     if kind != "cfg":
@@ -352,11 +354,6 @@ def _source_onnx(model, weights, work: Path, precision: str, calib, names, log) 
     export_onnx(m, out, precision=precision, spec=spec, calib_images=calib)
     return out, spec
 
-
-def _onnx_precision(path) -> str:
-    from ..bench import _onnx_precision as p
-
-    return p(path)
 
 
 def export_triton(model, repo, *, weights=None, name: str | None = None, platform: str = "python",
@@ -401,7 +398,7 @@ def export_triton(model, repo, *, weights=None, name: str | None = None, platfor
         else:
             onnx_path, spec = _source_onnx(model, weights, work, precision, calib, names, log)
         actual = side.get("precision", precision) if is_engine else \
-            (_onnx_precision(onnx_path) if model_kind(model) == "onnx" else precision)
+            (onnx_precision(onnx_path) if model_kind(model) == "onnx" else precision)
         spec = dataclasses.replace(spec, source={**spec.source, "precision": actual})
         input_dims, head_dims = None, None
         if onnx_path is not None:

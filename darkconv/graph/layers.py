@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..darknet.spec import NMS_KINDS, HeadSpec
+from ..darknet.shapes import region_head, yolo_head
 from .activations import Activation, activation
 from .registry import BuildContext, Built, register
 
@@ -776,67 +776,14 @@ class Head(DarknetModule):
         return x
 
 
-def _nms_kind(s) -> str:
-    """parse_yolo: greedynms / diounms, anything else (cornersnms included) means the default NMS.
-    darkconv refuses names Darknet does not know at all (a typo would silently change the NMS)."""
-    kind = s.str("nms_kind", "default").lower()
-    if kind not in NMS_KINDS:
-        raise s.error(f"nms_kind={kind!r}: expected one of {', '.join(NMS_KINDS)}", "nms_kind")
-    return "default" if kind == "cornersnms" else kind
-
-
-def _check_head_filters(s, ctx, anchors_used, classes, coords=4):
-    c = ctx.prev[0]
-    want = anchors_used * (coords + 1 + classes)
-    if c != want:
-        prev = ctx.index - 1
-        raise s.error(f"layer {prev} before it must have filters={want} for classes={classes} and "
-                      f"{anchors_used} anchors ({anchors_used}*({coords + 1}+{classes})), the cfg gives {c}: "
-                      f"fix filters= in layer {prev} or classes= here", "classes")
-
-
-def _anchors(s, count: int, key: str = "anchors") -> list[tuple[float, float]]:
-    """``count`` (w, h) anchor pairs; checked before anything of size ``count`` is built."""
-    a = s.floats(key, [])
-    if len(a) < 2 * count:
-        raise s.error(f"anchors has {len(a)} values, needs {2 * count} (num={count} pairs)", key)
-    return [(a[2 * i], a[2 * i + 1]) for i in range(count)]
-
-
 @register("yolo")
 def build_yolo(s, ctx: BuildContext) -> Built:
-    total = s.int("num", 1, lo=1)
-    classes = s.int("classes", 20, lo=1)
-    anchors = _anchors(s, total)  # before mask's default range(num): num=10^9 fails here, cheaply
-    mask = s.ints("mask", list(range(total)))
-    for m in mask:
-        if not 0 <= m < total:
-            raise s.error(f"mask entry {m} is out of range for num={total}", "mask")
-    _check_head_filters(s, ctx, len(mask), classes)
-    new_coords = s.int("new_coords", 0)
-    head = HeadSpec("yolo", ctx.index, classes, tuple(anchors[m] for m in mask), tuple(mask),
-                    tuple(ctx.prev[1:]), s.float("scale_x_y", 1.0), new_coords, _nms_kind(s),
-                    s.float("beta_nms", 0.6))
-    return Built(Head(), ctx.prev, head=head)
+    return Built(Head(), ctx.prev, head=yolo_head(s, ctx.prev))  # options and checks: darknet/shapes.py
 
 
 @register("region")
 def build_region(s, ctx: BuildContext) -> Built:
-    num = s.int("num", 1, lo=1)
-    classes = s.int("classes", 20, lo=1)
-    coords = s.int("coords", 4)
-    if coords != 4:  # get_region_boxes (src/region_layer.c) steps through entries as classes + 5
-        raise s.error(f"coords={coords}: only 4 is supported (Darknet's region decoding assumes 4 too)", "coords")
-    if s.has("tree"):  # softmax_tree + hierarchy_predictions change the class probabilities
-        raise s.error("[region] tree= (YOLO9000 hierarchical softmax) is not supported by darkconv", "tree")
-    anchors = _anchors(s, num)
-    _check_head_filters(s, ctx, num, classes, coords)
-    # parse_region reads neither nms_kind nor beta_nms: a [region] model always uses the default NMS.
-    # Of its other keys only softmax (default 0) and classfix (-1: get_region_boxes zeroes the
-    # objectness under .5) act at inference; the rest train (keys.IGNORED).
-    head = HeadSpec("region", ctx.index, classes, tuple(anchors), tuple(range(num)), tuple(ctx.prev[1:]),
-                    1.0, 0, "default", 0.6, softmax=bool(s.int("softmax", 0)), classfix=s.int("classfix", 0))
-    return Built(Head(), ctx.prev, head=head)
+    return Built(Head(), ctx.prev, head=region_head(s, ctx.prev))
 
 
 def he_scale(fan_in: int) -> float:

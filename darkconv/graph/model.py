@@ -14,6 +14,7 @@ from torch import nn
 from .. import __version__
 from ..darknet.cfg import Cfg, parse_cfg
 from ..darknet.keys import check_keys
+from ..darknet.shapes import model_spec
 from ..darknet.spec import ModelSpec
 from ..darknet.weights import WeightsReader, WeightsWriter
 from ..errors import CfgError
@@ -89,11 +90,12 @@ class DarknetModel(nn.Module):
         self.layers = nn.ModuleList([b.make(init) for b in plan])
         self.inputs = [b.inputs if b.inputs is not None else (s.index - 1,) for s, b in zip(cfg.layers, plan)]
         self.shapes = [b.shape for b in plan]
+        self.spec = model_spec(cfg, w, h, source={"cfg": str(cfg.path), "darkconv": __version__})
+        if self.spec.heads != tuple(heads):  # pragma: no cover - the builders take their heads from model_spec's code
+            raise RuntimeError(f"darkconv bug: the torch-free spec's heads differ from the graph's in {cfg.path}")
         self.head_layers = [hd.layer for hd in heads]
         # which outputs to drop after each layer (frees memory on big models)
         self._free_after = free_schedule(self.inputs, [hl - 1 for hl in self.head_layers])
-        self.spec = ModelSpec(w, h, c, bool(net.int("letter_box", 0)), tuple(heads), (),
-                              {"cfg": str(cfg.path), "darkconv": __version__})
         self.eval().requires_grad_(False)  # an inference module: outputs convert to numpy directly
 
     # -- inference -------------------------------------------------------------

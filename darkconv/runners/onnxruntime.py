@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from ..errors import BackendUnavailable, DarkconvError
-from .base import Runner
+from .base import Runner, outputs_by_name
 
 
 _WARNED: set[str] = set()
@@ -15,13 +15,12 @@ _WARNED: set[str] = set()
 
 def int8_warning(path) -> str | None:
     """The saturation warning for an INT8 model whose recipe is known to saturate on this CPU, else None."""
-    import onnx
-
     from ..cpu import cpu_info
     from ..export.quantize import saturation_warning
+    from ..onnx_meta import read_metadata
 
     try:
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        meta = read_metadata(path)
     except Exception:  # noqa: BLE001 - read_spec already reported unreadable files
         return None
     if not meta.get("darkconv.precision", "").startswith("int8"):
@@ -37,7 +36,7 @@ class OnnxRuntimeRunner(Runner):
         self.path = str(onnx_path)
         self.threads, self.providers = threads, providers
         self.session_config = dict(session_config or {})  # SessionOptions config entries, e.g. spinning off
-        from ..export.onnx import read_spec
+        from ..onnx_meta import read_spec
 
         self.spec = read_spec(self.path)
         self.warning = int8_warning(self.path)
@@ -65,7 +64,8 @@ class OnnxRuntimeRunner(Runner):
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_names = outputs_by_name(self.spec, [o.name for o in self.session.get_outputs()], where=self.path,
+                                            hint="re-export it with `darkconv convert`")
 
     def deactivate(self):
         self.session = None

@@ -1,6 +1,8 @@
 """OpenCV DNN backend (``cv2.dnn.readNetFromDarknet``, opencv < 5): an independent reference.
 
-Returns the raw tensors fed to each head (the outputs of the layers before them).
+Returns the raw tensors fed to each head (the outputs of the layers before them), by OpenCV layer
+name. Torch-free: the spec comes from :mod:`darkconv.darknet.shapes`, the BN shift is done on the
+file's floats.
 OpenCV's BatchNorm uses eps 1e-6 where Darknet uses 1e-5, so the variances are
 shifted by 9e-6 in an OpenCV-only copy of the weights to make it compute Darknet's numbers.
 OpenCV does not implement ``new_coords``; such models are refused.
@@ -12,23 +14,44 @@ import tempfile
 
 import numpy as np
 
-from ..errors import BackendUnavailable
+from ..darknet.cfg import parse_cfg
+from ..darknet.shapes import model_spec, tensor_layout
+from ..darknet.weights import WeightsReader, WeightsWriter
+from ..errors import BackendUnavailable, WeightsError
 from .base import Runner
+
+
+def shift_bn_variance(src, dst, layout, delta: float) -> None:
+    """Copy the ``.weights`` file ``src`` to ``dst`` with ``delta`` added to every BatchNorm
+    ``rolling_variance`` (float32, as Darknet stores them); header and every other float unchanged."""
+    reader = WeightsReader(src)
+    floats = np.array(reader.take(reader.remaining, -1, "net"), dtype="<f4")
+    offset = 0
+    for _, _, name, count in layout:
+        if name == "rolling_variance":
+            floats[offset:offset + count] += np.float32(delta)
+        offset += count
+    h = reader.header
+    writer = WeightsWriter(h.major, h.minor, h.revision, h.seen)
+    writer.add(floats)
+    writer.write(dst)
 
 
 class OpenCVRunner(Runner):
     name = "opencv"
 
     def __init__(self, cfg, weights, *, threads: int | None = None, exact_bn: bool = True):
-        import darkconv
-
         self.cfg, self.weights, self.threads, self.exact_bn = str(cfg), str(weights), threads, exact_bn
-        self.model = darkconv.load(cfg, weights)
-        self.spec = self.model.spec
+        self._cfg = parse_cfg(self.cfg)
+        self.spec = model_spec(self._cfg, source={"cfg": self.cfg, "weights": self.weights})
+        self._layout = tensor_layout(self._cfg)
+        want = sum(n for *_, n in self._layout)
+        have = WeightsReader(self.weights).remaining
+        if have != want:
+            raise WeightsError(f"holds {have} floats after the header but the cfg's layers need {want}: "
+                               "the weights belong to a different cfg", file=self.weights)
 
     def activate(self):
-        import darkconv
-
         try:
             import cv2
         except ImportError:  # pragma: no cover
@@ -41,19 +64,10 @@ class OpenCVRunner(Runner):
             cv2.setNumThreads(int(self.threads))
         weights = self.weights
         self._tmp = None
-        # the torch copy is freed after the first activation: load it again to activate again
-        model = self.model if self.model is not None else darkconv.load(self.cfg, self.weights)
-        self.model = None
         if self.exact_bn:
-            import torch
-
-            with torch.no_grad():
-                for _, _, name, t in model.darknet_tensors():
-                    if name == "rolling_variance":
-                        t.add_(1e-5 - 1e-6)
             fd, self._tmp = tempfile.mkstemp(suffix=".weights")
             os.close(fd)
-            model.save_weights(self._tmp)
+            shift_bn_variance(self.weights, self._tmp, self._layout, 1e-5 - 1e-6)
             weights = self._tmp
         self.net = cv2.dnn.readNetFromDarknet(self.cfg, weights)
         if hasattr(self.net, "enableWinograd"):
@@ -64,8 +78,8 @@ class OpenCVRunner(Runner):
         for h in self.spec.heads:
             i = h.layer - 1
             found = [n for n in (f"bn_{i}", f"conv_{i}") if n in names]
-            if not found or model.sections[i].type != "convolutional" or \
-                    model.sections[i].str("activation", "logistic") != "linear":
+            sec = self._cfg.layers[i]
+            if not found or sec.type != "convolutional" or sec.str("activation", "logistic") != "linear":
                 raise BackendUnavailable(f"OpenCV runner needs a linear [convolutional] before head layer {h.layer}")
             self.out_names.append(found[0])
 

@@ -23,7 +23,7 @@ from ..darknet.spec import ModelSpec
 from ..errors import DarkconvError, ModelMismatch
 from ..export.tensorrt import (INPUT_NAME, REBUILD_HINT, _check_cuda, _import_cudart, _import_tensorrt,
                                check_sidecar, gpu_info, read_sidecar)
-from .base import Runner
+from .base import Runner, outputs_by_name
 
 __all__ = ["TensorRTRunner", "gpu_info", "_check_cuda"]
 
@@ -146,13 +146,8 @@ class TensorRTRunner(Runner):
         if inputs != [INPUT_NAME]:
             raise ModelMismatch(f"the engine's inputs are {inputs}, expected [{INPUT_NAME!r}]; {REBUILD_HINT}",
                                 file=where)
-        outputs = [n for n in names if n not in inputs]
-        wanted = [f"head_{h.layer}" for h in self.spec.heads]
-        missing = [w for w in wanted if w not in outputs]
-        if missing:
-            raise ModelMismatch(f"the engine has outputs {outputs} but the model's heads need {wanted} "
-                                f"(missing {missing}); {REBUILD_HINT}", file=where)
-        self._outputs = wanted
+        self._outputs = outputs_by_name(self.spec, [n for n in names if n not in inputs], where=where,
+                                        hint=REBUILD_HINT)
 
         # batch range of the (single) optimization profile
         in_shape = tuple(int(d) for d in engine.get_tensor_shape(INPUT_NAME))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Runner
+from .base import Runner, outputs_by_name
 
 
 class TorchRunner(Runner):
@@ -32,13 +32,17 @@ class TorchRunner(Runner):
         if self.precision == "fp16" and self.device.type == "cpu":
             self.dtype = torch.float32  # no fast FP16 on CPU: stay exact
         self.model.to(self.device, self.dtype).eval()
+        # the module returns its heads in its own head_layers order: pick them by name
+        produced = [f"head_{layer}" for layer in self.model.head_layers]
+        self._order = [produced.index(n) for n in outputs_by_name(self.spec, produced, where=str(self.cfg))]
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         import torch
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device, self.dtype)
-            return [h.float().cpu().numpy() for h in self.model(x)]
+            heads = self.model(x)
+            return [heads[k].float().cpu().numpy() for k in self._order]
 
     def describe(self) -> str:
         return f"torch ({getattr(self, 'device', 'cpu')}, {self.precision})"

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..darknet.spec import ModelSpec
+from ..darknet.spec import INPUT_NAME, SPEC_KEY, ModelSpec
 from ..errors import BackendUnavailable, DarkconvError, InferenceError
-from .base import Runner
+from .base import Runner, outputs_by_name
 
-SPEC_PARAM = "darkconv.spec"
-INPUT = "images"
+SPEC_PARAM = SPEC_KEY
+INPUT = INPUT_NAME
 
 
 def parse_urls(urls) -> list[tuple[str, str]]:
@@ -136,7 +136,9 @@ class TritonRunner(Runner):
                 raise DarkconvError(f"model {self.model!r} on {ep} has no {SPEC_PARAM} parameter: serve a "
                                     "repository written by `darkconv export triton`")
             spec = ModelSpec.from_json(params[SPEC_PARAM]["string_value"])
-            outputs = [o["name"] for o in cfg.get("output", [])]
+            outputs = outputs_by_name(spec, [o["name"] for o in cfg.get("output", [])],
+                                      where=f"{ep}/{self.model}",
+                                      hint="serve a repository written by `darkconv export triton`")
             return spec, outputs, int(cfg.get("max_batch_size", 0))
         raise BackendUnavailable(f"no Triton server answered for model {self.model!r}: " + "; ".join(errors))
 
