@@ -563,9 +563,13 @@ def tie_heads(spec, rng, obj_levels=(1.0, 2.5), cls_levels=(0.3, 1.0, 2.0), p_on
     return out
 
 
+@pytest.mark.parametrize("tie_rule", ["per-pair", "rank-table"])   # darkconv's two ways to order ties
 @pytest.mark.parametrize("kind", ["default", "greedynms", "diounms"])
 @pytest.mark.parametrize("grids", [((4, 6), (8, 12)), ((6, 9), (12, 18))])   # dense / sparse pair search
-def test_many_score_ties_vs_do_nms_sort_with_glibc_qsort(kind, grids):
+def test_many_score_ties_vs_do_nms_sort_with_glibc_qsort(kind, grids, tie_rule, monkeypatch):
+    import darkconv.postprocess as pp
+
+    monkeypatch.setattr(pp, "_TIE_RANKS_MIN", 0 if tie_rule == "rank-table" else 10 ** 9)
     rng = np.random.default_rng(len(kind) + 10 * grids[0][0])
     spec = yolo_spec(classes=4, grids=grids, nms_kind=kind, beta=0.8)
     raws = tie_heads(spec, rng)
