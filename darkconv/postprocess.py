@@ -12,15 +12,17 @@ Semantics (AlexeyAB darknet ``src/``), all arithmetic emulated in Darknet's prec
     ``objectness > thresh``; class ``j`` gets ``prob = objectness*class_j`` iff ``prob > thresh``.
 ``[region]`` (``forward_region_layer``, ``get_region_box``, ``get_region_boxes``,
 ``custom_get_region_detections``)
-    logistic objectness, softmax over classes (float32 sum in class order) when
-    ``softmax``; ``bx = (col + logistic(tx)) / lw``; ``bw = exp(tw)*anchor_w / lw``
+    logistic objectness (``classfix=-1``: 0 where under .5), softmax over classes (float32
+    sum in class order) when ``softmax``; ``bx = (col + logistic(tx)) / lw``; ``bw = exp(tw)*anchor_w / lw``
     (anchors in grid cells); ``prob = objectness*class_j`` kept iff ``> thresh``.
 Box correction (``correct_yolo_boxes``, used for both kinds in AlexeyAB)
     letterbox: integer ``new_w``/``new_h`` after a float32 aspect comparison;
     ``x = (x - (netw-new_w)/2./netw) / ((float)new_w/netw)``, ``w *= 1/ratiow``;
     without letterbox it is the identity. Boxes stay relative to the image, unclipped.
 NMS (``do_nms_sort`` / ``diounms_sort`` in ``src/box.c``), per class, greedy in
-descending ``prob`` (ties: lower candidate index first), on the corrected relative boxes:
+descending ``prob``, on the corrected relative boxes; equal ``prob`` keep the order the
+previous classes' stable sorts left (ties by ``prob[k-1]``, ..., ``prob[0]``, then candidate
+order: see :func:`_tie_first`):
     ``default`` and ``cornersnms``: ``box_iou > nms``;
     ``greedynms``: ``box_diou > nms`` where ``box_diou = iou - ((d/c) ** 0.6)`` (fixed 0.6);
     ``diounms``: ``box_diounms = iou - ((d/c) ** beta_nms)``.
@@ -135,6 +137,8 @@ def _decode_head(raw: np.ndarray, head: HeadSpec, net_w: int, net_h: int, thr: n
     obj_all = r[:, 4, :]
     if not new_coords:
         obj_all = _sigmoid32(obj_all)
+    if kind == "region" and int(head.classfix) == -1:     # get_region_boxes: scale = 0 if < .5
+        obj_all = np.where(obj_all < _F32(0.5), _F32(0), obj_all)
     # Darknet's order: cell i (row-major), then anchor n. [yolo] keeps a cell/anchor iff
     # objectness > thresh. [region] keeps all of them, but a pair needs obj*class > thresh,
     # which implies obj > thresh when class <= 1 (softmax); raw classes are unbounded.
@@ -516,14 +520,56 @@ def _greedy_keep(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return keep
 
 
+def _tie_first(probs: np.ndarray, u: np.ndarray, v: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """For candidates ``u < v`` with equal ``probs[:, c]``: does ``u`` come first in the array
+    that ``do_nms_sort`` / ``diounms_sort`` (src/box.c) walk for class ``c``?
+
+    Darknet sorts one detection array in place, once per class, with ``qsort`` and
+    ``nms_comparator_v3``; glibc's ``qsort`` is a stable merge sort (``msort_with_tmp``;
+    its in-place fallback only runs when the temporary array cannot be allocated), and a
+    class's suppression only zeroes that class's probabilities, which no later sort reads.
+    So the array for class ``c`` is ordered by ``prob[c]`` descending, ties by ``prob[c-1]``,
+    ..., ``prob[0]`` (the original, pre-NMS values), then by candidate order. ``u`` is first
+    unless the last class ``j < c`` where the two differ has ``probs[v, j] > probs[u, j]``.
+    """
+    out = np.ones(u.size, bool)
+    c_n = probs.shape[1]
+    cols = np.arange(c_n)
+    step = max(1, (1 << 20) // max(c_n, 1))
+    for s0 in range(0, u.size, step):                      # bounded memory for T x C
+        pu, pv = probs[u[s0:s0 + step]], probs[v[s0:s0 + step]]
+        diff = (pu != pv) & (cols[None, :] < c[s0:s0 + step, None])
+        last = c_n - 1 - np.argmax(diff[:, ::-1], axis=1)  # last differing class before c
+        rows = np.arange(pu.shape[0])
+        out[s0:s0 + step] = ~diff.any(axis=1) | (pu[rows, last] > pv[rows, last])
+    return out
+
+
+def _class_ranks(probs: np.ndarray) -> np.ndarray:
+    """(K, C) position of each candidate in the array ``do_nms_sort`` walks for each class: the
+    stable sorts of :func:`_tie_first`, done once per class (C stable sorts of K items)."""
+    k_n, c_n = probs.shape
+    order = np.arange(k_n)
+    ranks = np.empty((k_n, c_n), np.int64)
+    for c in range(c_n):
+        order = order[np.argsort(-probs[order, c], kind="stable")]
+        ranks[order, c] = np.arange(k_n)
+    return ranks
+
+
+#: tie edges per candidate box above which :func:`_class_ranks` replaces :func:`_tie_first`
+_TIE_RANKS_MIN = 2
+
+
 def nms_keep(boxes: np.ndarray, probs: np.ndarray, nms: float = 0.45, nms_kind: str = "default",
              beta_nms: float = 0.6, agnostic: bool = False):
     """Darknet NMS on decoded candidates.
 
     ``boxes`` (K, 4) float32 relative boxes, ``probs`` (K, C) with zeros for pairs under the
     threshold. Returns ``(box_index, class_index)`` of the surviving pairs in (box, class)
-    order. ``nms <= 0`` keeps everything; ``agnostic`` keeps at most one class per box and
-    suppresses across classes (by each box's best class score).
+    order. ``nms <= 0`` keeps everything; ``agnostic`` (a darkconv option) keeps at most one
+    class per box and suppresses across classes (by each box's best class score; equal scores
+    by candidate order).
     """
     boxes = np.asarray(boxes, _F32).reshape(-1, 4)
     probs = np.asarray(probs, _F32)
@@ -537,7 +583,7 @@ def nms_keep(boxes: np.ndarray, probs: np.ndarray, nms: float = 0.45, nms_kind: 
             return bidx, best[bidx]
         sc = score[bidx]
         u, v = _overlap_pairs(boxes[bidx], thr, exponent)
-        first = (sc[u] >= sc[v])                           # tie: lower candidate index first
+        first = (sc[u] >= sc[v])                           # no Darknet counterpart: ties by index
         src = np.where(first, u, v)
         dst = np.where(first, v, u)
         keep = _greedy_keep(bidx.size, src, dst)
@@ -558,11 +604,19 @@ def nms_keep(boxes: np.ndarray, probs: np.ndarray, nms: float = 0.45, nms_kind: 
     srcs, dsts = [], []
     chunk = max(1, (1 << 22) // max(c_n, 1))
     present = probs > 0
+    ranks = None
     for s0 in range(0, u.size, chunk):                     # bounded memory for E x C
         uu, vv = u[s0:s0 + chunk], v[s0:s0 + chunk]
         e, c = np.nonzero(present[uu] & present[vv])       # classes both boxes carry
         ia, ib = item_id[uu[e], c], item_id[vv[e], c]
-        first = score[ia] >= score[ib]                     # u < v: ties go to u
+        sa, sb = score[ia], score[ib]
+        first = sa > sb
+        tie = np.flatnonzero(sa == sb)
+        if tie.size:                                       # Darknet's order of equal scores
+            tu, tv, tc = uu[e[tie]], vv[e[tie]], c[tie]
+            if ranks is None and tie.size > _TIE_RANKS_MIN * has.size:
+                ranks = _class_ranks(probs)                # many ties: one table is cheaper
+            first[tie] = ranks[tu, tc] < ranks[tv, tc] if ranks is not None else _tie_first(probs, tu, tv, tc)
         srcs.append(np.where(first, ia, ib))
         dsts.append(np.where(first, ib, ia))
     src, dst = np.concatenate(srcs), np.concatenate(dsts)

@@ -473,6 +473,130 @@ def test_maxpool_antialiasing(tmp_path, aa, stride):
     check(net.run(x)[0], ref)
 
 
+def _mm256_max_ps(a, b):
+    return [x if x > y else y for x, y in zip(a, b)]            # MAXPS: the second operand unless a > b
+
+
+def _mm256_permute_ps(v, imm):                                   # within each 128-bit half
+    return [v[4 * (i // 4) + ((imm >> (2 * (i % 4))) & 3)] for i in range(8)]
+
+
+def _mm_shuffle_ps(a, b, imm):
+    return [a[imm & 3], a[(imm >> 2) & 3], b[(imm >> 4) & 3], b[(imm >> 6) & 3]]
+
+
+def np_maxpool_avx(x, size, stride, pad):
+    """forward_maxpool_layer_avx (src/gemm.c, the AVX build) on one sample, on flat memory: 8-lane
+    (stride 1) and 4-lane (size 2, stride 2) blocks whose tap test looks at lane 0 only, then the
+    plain loop for the remaining columns of the row."""
+    c, h, w = x.shape
+    out_h, out_w = (h + pad - size) // stride + 1, (w + pad - size) // stride + 1
+    src = list(x.ravel()) + [np.nan] * 8                         # a read past the end shows as NaN
+    dst = np.zeros(c * out_h * out_w)
+    off = -(pad // 2)
+    for k in range(c):
+        for i in range(out_h):
+            j = 0
+            if stride == 1:
+                while j < out_w - 8 - (size - 1):
+                    out_index = j + out_w * (i + out_h * k)
+                    max256 = [-FLT_MAX] * 8
+                    for n in range(size):
+                        for m in range(size):
+                            cur_h, cur_w = off + i * stride + n, off + j * stride + m
+                            index = cur_w + w * (cur_h + h * k)
+                            if not (0 <= cur_h < h and 0 <= cur_w < w):
+                                continue
+                            max256 = _mm256_max_ps(src[index:index + 8], max256)
+                    dst[out_index:out_index + 8] = max256
+                    j += 8
+            elif size == 2 and stride == 2:
+                while j < out_w - 4:
+                    out_index = j + out_w * (i + out_h * k)
+                    max128 = [-FLT_MAX] * 4
+                    for n in range(size):
+                        m = 0
+                        cur_h, cur_w = off + i * stride + n, off + j * stride + m
+                        index = cur_w + w * (cur_h + h * k)
+                        if not (0 <= cur_h < h and 0 <= cur_w < w):
+                            continue
+                        src256 = src[index:index + 8]
+                        max256 = _mm256_max_ps(src256, _mm256_permute_ps(src256, (1 << 0) | (3 << 4)))
+                        src128 = _mm_shuffle_ps(max256[:4], max256[4:], (2 << 2) | (2 << 6))
+                        max128 = [a if a > b else b for a, b in zip(src128, max128)]
+                    dst[out_index:out_index + 4] = max128
+                    j += 4
+            while j < out_w:
+                out_index = j + out_w * (i + out_h * k)
+                best = -FLT_MAX
+                for n in range(size):
+                    for m in range(size):
+                        cur_h, cur_w = off + i * stride + n, off + j * stride + m
+                        index = cur_w + w * (cur_h + h * k)
+                        val = src[index] if 0 <= cur_h < h and 0 <= cur_w < w else -FLT_MAX
+                        best = val if val > best else best
+                dst[out_index] = best
+                j += 1
+    return dst.reshape(c, out_h, out_w)
+
+
+AVX_CASES = {   # (h, w, options, (size, stride, pad), the AVX build differs from the GPU build)
+    "spp5-13x13": (13, 13, "size=5\nstride=1", (5, 1, 4), True),      # yolov3-spp at 416
+    "spp9-19x19": (19, 19, "size=9\nstride=1", (9, 1, 8), True),      # yolov4 at 608
+    "spp13-19x19": (19, 19, "size=13\nstride=1", (13, 1, 12), False),  # out_w too narrow for a block
+    "spp5-6x30": (6, 30, "size=5\nstride=1", (5, 1, 4), True),        # several blocks per row
+    "size2-stride1": (9, 21, "size=2\nstride=1", (2, 1, 1), False),   # pad/2 = 0: lane 0 never in padding
+    "size3-padding0": (7, 20, "size=3\nstride=1\npadding=0", (3, 1, 0), False),
+    "size2-stride2": (8, 22, "size=2\nstride=2", (2, 2, 1), False),
+    "size2-stride2-padding2": (8, 22, "size=2\nstride=2\npadding=2", (2, 2, 2), True),
+    "size3-stride2": (9, 23, "size=3\nstride=2", (3, 2, 2), False),   # plain loop in both builds
+}
+
+
+@pytest.mark.parametrize("case", list(AVX_CASES))
+def test_maxpool_darknet_cpu_avx_emulation(tmp_path, case):
+    from darkconv.graph.layers import set_darknet_cpu_avx_maxpool
+
+    h, w, opts, (size, stride, pad), differs = AVX_CASES[case]
+    x = np.random.default_rng(11).normal(0, 1, (2, 3, h, w))
+    net = Net(tmp_path, cfg(3, h, w, f"[maxpool]\n{opts}\n"))
+    plain = per_sample(lambda s: np_maxpool(s, size, stride, stride, pad), x)
+    avx = per_sample(lambda s: np_maxpool_avx(s, size, stride, pad), x)
+    assert (not np.array_equal(avx, plain)) == differs
+    check(net.run(x)[0], plain)                                  # default: GPU / non-AVX semantics
+    set_darknet_cpu_avx_maxpool(net.model)
+    check(net.run(x)[0], avx)
+    set_darknet_cpu_avx_maxpool(net.model, False)
+    check(net.run(x)[0], plain)
+
+
+def test_maxpool_darknet_cpu_avx_emulation_antialiasing_and_load(tmp_path):
+    """antialiasing pools at stride 1 (make_maxpool_layer), so the AVX build's stride-1 loop runs
+    there too; darkconv.load(..., darknet_cpu_avx_maxpool=True) switches every maxpool."""
+    import darkconv
+
+    x = np.random.default_rng(12).normal(0, 1, (2, 3, 8, 20))
+    net = Net(tmp_path, cfg(3, 8, 20, "[maxpool]\nsize=3\nstride=2\nantialiasing=1\n"))
+    from darkconv.graph.layers import set_darknet_cpu_avx_maxpool
+    set_darknet_cpu_avx_maxpool(net.model)
+    ref = per_sample(lambda s: np_blur(np_maxpool_avx(s, 3, 1, 2), 1, 2, 2), x)
+    assert not np.allclose(ref, per_sample(lambda s: np_blur(np_maxpool(s, 3, 1, 1, 2), 1, 2, 2), x))
+    check(net.run(x)[0], ref)
+    (tmp_path / "t.cfg").write_text(cfg(3, 8, 20, "[maxpool]\nsize=3\nstride=2\nantialiasing=1\n"))
+    m = darkconv.load(tmp_path / "t.cfg", tmp_path / "t.weights", darknet_cpu_avx_maxpool=True)
+    assert [l.cpu_avx for l in m.layers if hasattr(l, "cpu_avx")] == [True]
+
+
+def test_maxpool_darknet_cpu_avx_emulation_refuses_reads_past_the_row(tmp_path):
+    from darkconv.graph.layers import set_darknet_cpu_avx_maxpool
+
+    net = Net(tmp_path, cfg(3, 5, 34, "[maxpool]\nsize=3\nstride=1\npadding=12\n"))
+    x = np.arange(3 * 5 * 34, dtype=np.float64).reshape(3, 5, 34)   # increasing: the next row wins
+    assert (np_maxpool_avx(x, 3, 1, 12) > np_maxpool(x, 3, 1, 1, 12)).any()   # the C loop reads the next row
+    with pytest.raises(CfgError, match=r"t\.cfg:\d+: layer 0 \[maxpool\].*reads past the row"):
+        set_darknet_cpu_avx_maxpool(net.model)
+
+
 LOCAL_AVG_CASES = {
     "size3-stride2": (7, 6, "size=3\nstride=2", (3, 2, 2, 2)),
     "size2-stride1": (5, 6, "size=2\nstride=1", (2, 1, 1, 1)),
@@ -895,3 +1019,61 @@ nms_kind=diounms
     assert hd.anchors[0] == (0.5, 0.6)
     assert hd.nms_kind == "default"  # parse_region does not read nms_kind
     assert [tuple(o.shape) for o in m(torch.zeros(2, 3, 32, 32))] == [(2, 35, 32, 32)]
+
+
+REGION_CFG = """[net]
+width=32
+height=32
+channels=3
+
+[convolutional]
+filters=35
+size=1
+activation=linear
+
+[region]
+anchors=0.5,0.6, 1,2, 3,4, 5,6, 7,8
+classes=2
+num=5
+{extra}
+"""
+
+
+def test_region_keys_follow_parse_region(tmp_path):
+    """parse_region (src/parser.c): softmax defaults to 0, coords to 4; classfix=-1 is the one training
+    key that acts at inference (get_region_boxes); map= is a training-only class map; background is not
+    read by AlexeyAB's parser at all (an unknown key)."""
+    import warnings
+
+    from darkconv.darknet.keys import UnknownKeyWarning
+    from darkconv.darknet.spec import ModelSpec
+    from darkconv.postprocess import decode
+
+    m = build_model(tmp_path / "t.cfg", text=REGION_CFG.format(extra=""))
+    (hd,) = m.spec.heads
+    assert (hd.softmax, hd.classfix) == (False, 0)
+    # a spec without the keys (e.g. written by hand) means what the cfg defaults mean
+    d = m.spec.to_dict()
+    for key in ("softmax", "classfix"):
+        del d["heads"][0][key]
+    assert ModelSpec.from_dict(d).heads[0] == hd
+    # softmax=0: the class values go into prob = objectness * class unchanged (Darknet: > 1 possible)
+    raw = np.zeros((1, 35, 32, 32), np.float32)
+    raw[0, 5:7] = 3.0
+    probs = decode([raw], m.spec, [(32, 32)], thresh=0.25)[0][2]
+    assert np.allclose(probs, 1.5)                        # logistic(0) * 3
+    m1 = build_model(tmp_path / "t1.cfg", text=REGION_CFG.format(extra="softmax=1\nclassfix=-1\nmap=none.map"))
+    assert (m1.spec.heads[0].softmax, m1.spec.heads[0].classfix) == (True, -1)
+    raw[0, 4::7] = -0.1                                   # objectness logistic(-0.1) = 0.475 < .5
+    m2 = build_model(tmp_path / "t2.cfg", text=REGION_CFG.format(extra="softmax=1"))
+    assert (decode([raw], m2.spec, [(32, 32)], thresh=0.2)[0][2] > 0).sum() == 2 * 5 * 32 * 32
+    assert (decode([raw], m1.spec, [(32, 32)], thresh=0.2)[0][2] > 0).sum() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownKeyWarning)
+        with pytest.raises(UnknownKeyWarning, match="background"):
+            build_model(tmp_path / "t2.cfg", text=REGION_CFG.format(extra="background=1"))
+    for extra, key in (("coords=5", "coords"), ("tree=data/9k.tree", "tree")):
+        text = REGION_CFG.format(extra=extra).replace("filters=35", "filters=40" if key == "coords" else "filters=35")
+        with pytest.raises(CfgError, match=key) as e:
+            build_model(tmp_path / "t3.cfg", text=text)
+        assert "t3.cfg:15: layer 1 [region]" in str(e.value)   # the key's line

@@ -6,11 +6,15 @@ get_region_box, get_region_boxes, custom_get_region_detections in network.c),
 src/blas.c (softmax, scal_add_cpu) and src/box.c (box_iou, box_diou, box_diounms,
 do_nms_sort, diounms_sort) statement by statement on flat float32 arrays in Darknet's
 memory layout, with numpy float32 scalars (double where the C calls exp/pow).
-Only deviation, shared with darkconv: per-class sort ties go to the lower candidate index.
+``qsort`` in do_nms_sort / diounms_sort is transcribed as glibc's (stdlib/msort.c
+``msort_with_tmp``: top-down merge sort, the left run wins when the comparator returns <= 0,
+hence stable; detections are 88 bytes > 32, so glibc sorts pointers and then permutes, which
+gives the same order), and checked against the real glibc ``qsort`` through ctypes.
 """
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -136,6 +140,8 @@ def ref_custom_get_region_detections(raw, head, w, h, netw, neth, thresh, letter
         for n in range(head.num_anchors):
             index = i * head.num_anchors + n
             scale = out[index * size + 4]
+            if head.classfix == -1 and scale < .5:
+                scale = F(0)
             bi = index * size
             bx = (F(col) + logistic(out[bi + 0])) / F(lw)
             by = (F(row) + logistic(out[bi + 1])) / F(lh)
@@ -198,46 +204,88 @@ def ref_box_diou(a, b):
     return ref_box_diounms(a, b, 0.6)                  # box_diou: pow(d / c, 0.6)
 
 
-def _nms(dets, classes, thresh, overlap_fn):
-    """do_nms_sort / diounms_sort skeleton (objectness==0 dets moved out first).
+def glibc_msort(items: list, cmp) -> list:
+    """glibc ``qsort`` when its temporary array can be allocated (``msort_with_tmp``): split at
+    n/2, sort both halves, merge taking from the left run while ``cmp(left, right) <= 0``."""
+    n = len(items)
+    if n <= 1:
+        return list(items)
+    n1 = n // 2
+    b1, b2 = glibc_msort(items[:n1], cmp), glibc_msort(items[n1:], cmp)
+    out, i, j = [], 0, 0
+    while i < len(b1) and j < len(b2):
+        if cmp(b1[i], b2[j]) <= 0:
+            out.append(b1[i])
+            i += 1
+        else:
+            out.append(b2[j])
+            j += 1
+    return out + b1[i:] + b2[j:]
 
-    Darknet also evaluates the overlap for pairs whose prob is already 0; that cannot
-    change anything (it only zeroes), so the transcription skips those evaluations and
-    caches the class-independent overlap of a pair.
-    """
-    dets = [d for d in dets if d["objectness"] != 0]
+
+def nms_comparator_v3(a, b) -> int:
+    """box.c: ``diff = a.prob[b.sort_class] - b.prob[b.sort_class]`` in float; -1 puts ``a`` first."""
+    k = b["sort_class"]
+    diff = F(a["prob"][k] - b["prob"][k]) if k >= 0 else F(a["objectness"] - b["objectness"])
+    return 1 if diff < 0 else (-1 if diff > 0 else 0)
+
+
+def _nms(dets, classes, thresh, overlap_fn, qsort=glibc_msort):
+    """do_nms_sort / diounms_sort: objectness == 0 swapped to the end, then per class k the array
+    is re-sorted in place (qsort, nms_comparator_v3 with sort_class = k) and walked greedily.
+    Returns the array in its final order. Darknet also evaluates the overlap for pairs whose prob
+    is already 0; that cannot change anything (it only zeroes), so the transcription skips those
+    evaluations and caches the class-independent overlap of a pair."""
+    k = len(dets) - 1
+    i = 0
+    while i <= k:
+        if dets[i]["objectness"] == 0:
+            dets[i], dets[k] = dets[k], dets[i]
+            k -= 1
+            i -= 1
+        i += 1
+    total = k + 1
     thresh = F(thresh)
     cache = {}
-    for k in range(classes):
-        order = sorted(range(len(dets)), key=lambda i: (-float(dets[i]["prob"][k]), i))
-        for ii in range(len(order)):
-            di = dets[order[ii]]
-            if di["prob"][k] == 0:
+    for c in range(classes):
+        for d in dets[:total]:
+            d["sort_class"] = c
+        dets[:total] = qsort(dets[:total], nms_comparator_v3)
+        for ii in range(total):
+            di = dets[ii]
+            if di["prob"][c] == 0:
                 continue
-            for jj in range(ii + 1, len(order)):
-                dj = dets[order[jj]]
-                if dj["prob"][k] == 0:
+            for jj in range(ii + 1, total):
+                dj = dets[jj]
+                if dj["prob"][c] == 0:
                     continue
-                key = (order[ii], order[jj])
+                key = (id(di), id(dj))
                 if key not in cache:
                     cache[key] = overlap_fn(di["bbox"], dj["bbox"]) > thresh
                 if cache[key]:
-                    dj["prob"][k] = F(0)
+                    dj["prob"][c] = F(0)
+    return dets
 
 
-def ref_nms(dets, classes, thresh, kind, beta=0.6):
+def ref_nms(dets, classes, thresh, kind, beta=0.6, qsort=glibc_msort):
     if kind in ("default", "cornersnms"):
-        _nms(dets, classes, thresh, ref_box_iou)       # do_nms_sort / CORNERS_NMS: box_iou
+        _nms(dets, classes, thresh, ref_box_iou, qsort)       # do_nms_sort / CORNERS_NMS: box_iou
     elif kind == "greedynms":
-        _nms(dets, classes, thresh, ref_box_diou)
+        _nms(dets, classes, thresh, ref_box_diou, qsort)
     elif kind == "diounms":
-        _nms(dets, classes, thresh, lambda a, b: ref_box_diounms(a, b, F(beta)))
+        _nms(dets, classes, thresh, lambda a, b: ref_box_diounms(a, b, F(beta)), qsort)
     else:
         raise AssertionError(kind)
 
 
-def ref_detect(raws, spec, w, h, thresh=0.25, nms=0.45, letter=None, kind=None):
-    """get_network_boxes + NMS + the (prob > thresh) pairs draw_detections_v3 prints."""
+def index_tie_sort(items, cmp):
+    """NOT Darknet: the per-class sort with ties by candidate index (darkconv's old rule)."""
+    return sorted(items, key=lambda d: (-float(d["prob"][d["sort_class"]]), d["index"]))
+
+
+def ref_detect(raws, spec, w, h, thresh=0.25, nms=0.45, letter=None, kind=None, qsort=glibc_msort):
+    """get_network_boxes + NMS + the (prob > thresh) pairs draw_detections_v3 prints, in the
+    order of Darknet's array after NMS."""
     letter = spec.letter_box if letter is None else letter
     kind = spec.nms_kind if kind is None else kind
     dets = []
@@ -246,8 +294,10 @@ def ref_detect(raws, spec, w, h, thresh=0.25, nms=0.45, letter=None, kind=None):
             dets += ref_get_yolo_detections(raw, head, w, h, spec.width, spec.height, thresh, letter)
         else:
             dets += ref_custom_get_region_detections(raw, head, w, h, spec.width, spec.height, thresh, letter)
+    for i, d in enumerate(dets):
+        d["index"] = i
     if nms:
-        ref_nms(dets, spec.classes, nms, kind, spec.beta_nms)
+        ref_nms(dets, spec.classes, nms, kind, spec.beta_nms, qsort)
     out = []
     for d in dets:
         for j, p in enumerate(d["prob"]):
@@ -281,9 +331,10 @@ def yolo_spec(classes=4, new_coords=0, scale=1.0, grids=((4, 6), (8, 12)), nms_k
     return ModelSpec(net[0], net[1], letter_box=letter, heads=heads)
 
 
-def region_spec(classes=5, softmax=True, grid=(5, 7)):
+def region_spec(classes=5, softmax=True, grid=(5, 7), classfix=0):
     anchors = ((0.57, 0.68), (1.87, 2.06), (3.34, 5.47), (7.88, 3.53), (9.77, 9.17))
-    return ModelSpec(288, 224, heads=(HeadSpec("region", 30, classes, anchors, (), grid, softmax=softmax),))
+    return ModelSpec(288, 224, heads=(HeadSpec("region", 30, classes, anchors, (), grid, softmax=softmax,
+                                               classfix=classfix),))
 
 
 def random_heads(spec, rng, n=1, obj_bias=0.0, new_coords=False):
@@ -317,17 +368,22 @@ def test_yolo_random_vs_reference(new_coords, scale, kind, letter):
     assert len(no_nms) > len(ref)
 
 
-@pytest.mark.parametrize("softmax", [True, False])
-def test_region_random_vs_reference(softmax):
+@pytest.mark.parametrize("softmax,classfix", [(True, 0), (False, 0), (True, -1), (False, -1)])
+def test_region_random_vs_reference(softmax, classfix):
     rng = np.random.default_rng(3 + softmax)
-    spec = region_spec(softmax=softmax)
+    spec = region_spec(softmax=softmax, classfix=classfix)
     raws = random_heads(spec, rng, obj_bias=1.0)
     for size, letter in (((640, 480), False), ((480, 640), True)):
         got = postprocess(raws, spec, [size], letterbox=letter, thresh=0.2)[0]
         ref = ref_detect([r[0] for r in raws], spec, *size, thresh=0.2, letter=letter)
         assert len(ref) > 10
         assert_same(as_tuples(got), ref)
-    if not softmax:
+    if classfix == -1:
+        # get_region_boxes: objectness under .5 gives no classes, even with raw class values > 1
+        assert got.objectness.min() >= 0.5
+        plain = postprocess(raws, region_spec(softmax=softmax), [size], letterbox=letter, thresh=0.2)[0]
+        assert np.any(plain.objectness < 0.5)
+    elif not softmax:
         # raw (unbounded) class values: Darknet's region keeps pairs whose objectness
         # alone is under the threshold; make sure some exist and are found
         assert np.any((got.objectness <= 0.2) & (got.scores > 0.2))
@@ -464,7 +520,7 @@ def test_letterbox_offsets_non_square_image():
     np.testing.assert_array_equal(lb2.boxes, lb.boxes)
 
 
-def test_score_ties_go_to_lower_candidate_index():
+def test_score_ties_in_the_first_class_go_to_candidate_order():
     boxes = [(0, 6, 6, 0, 0.5, 0.5, 0.3, 0.3, 0.9, {0: 0.8}, 0),
              (0, 6, 6, 1, 0.5, 0.5, 0.3, 0.3, 0.9, {0: 0.8}, 0)]
     spec = square_spec()
@@ -473,6 +529,93 @@ def test_score_ties_go_to_lower_candidate_index():
     assert probs[0, 0] == probs[1, 0]
     got = postprocess(raws, spec, [(416, 416)])[0]
     assert got.box_ids.tolist() == [0]
+
+
+def test_score_ties_in_a_later_class_follow_the_previous_classes_sort():
+    """A (candidate 0) and B (candidate 1) overlap and tie in class 2. do_nms_sort's class-0 sort
+    put B first (0.9 > 0.8); class 1 (both 0) keeps that order; the stable class-2 sort too, so B
+    suppresses A in class 2. (A lower-index tie-break keeps A instead.)"""
+    boxes = [(0, 6, 6, 0, 0.5, 0.5, 0.3, 0.3, 0.9, {0: 0.8, 2: 0.7}, 0),
+             (0, 6, 6, 1, 0.52, 0.5, 0.3, 0.3, 0.9, {0: 0.9, 2: 0.7}, 0)]
+    spec = square_spec()
+    raws = craft(spec, boxes)
+    probs = decode(raws, spec, [(416, 416)])[0][2]
+    assert probs[0, 2] == probs[1, 2] > 0 and probs[1, 0] > probs[0, 0]
+    got = postprocess(raws, spec, [(416, 416)])[0]
+    assert sorted(zip(got.box_ids.tolist(), got.class_ids.tolist())) == [(1, 0), (1, 2)]
+    ref = ref_detect([r[0] for r in raws], spec, 416, 416)
+    assert_same(as_tuples(got), ref)
+    wrong = ref_detect([r[0] for r in raws], spec, 416, 416, qsort=index_tie_sort)
+    assert sorted(t[0] for t in wrong) == [0, 2] and wrong != ref     # A kept in class 2 there
+
+
+def tie_heads(spec, rng, obj_levels=(1.0, 2.5), cls_levels=(0.3, 1.0, 2.0), p_on=0.6):
+    """Random boxes whose objectness and class logits take a few values only: obj * class
+    products repeat exactly, so float32 score ties are everywhere, within and across classes."""
+    out = []
+    for hs in spec.heads:
+        shape = (1, hs.num_anchors, 5 + hs.classes) + tuple(hs.grid)
+        t = rng.normal(0, 0.7, size=shape).astype(F)
+        t[:, :, 4] = rng.choice(obj_levels, size=t[:, :, 4].shape)
+        cls = rng.choice(cls_levels, size=t[:, :, 5:].shape)
+        t[:, :, 5:] = np.where(rng.random(cls.shape) < p_on, cls, -30.0)
+        out.append(t.reshape(1, hs.channels, *hs.grid).astype(F))
+    return out
+
+
+@pytest.mark.parametrize("tie_rule", ["per-pair", "rank-table"])   # darkconv's two ways to order ties
+@pytest.mark.parametrize("kind", ["default", "greedynms", "diounms"])
+@pytest.mark.parametrize("grids", [((4, 6), (8, 12)), ((6, 9), (12, 18))])   # dense / sparse pair search
+def test_many_score_ties_vs_do_nms_sort_with_glibc_qsort(kind, grids, tie_rule, monkeypatch):
+    import darkconv.postprocess as pp
+
+    monkeypatch.setattr(pp, "_TIE_RANKS_MIN", 0 if tie_rule == "rank-table" else 10 ** 9)
+    rng = np.random.default_rng(len(kind) + 10 * grids[0][0])
+    spec = yolo_spec(classes=4, grids=grids, nms_kind=kind, beta=0.8)
+    raws = tie_heads(spec, rng)
+    size = (500, 375)
+    probs = decode(raws, spec, [size])[0][2]
+    pos = probs[probs > 0]
+    assert pos.size - np.unique(pos).size > 100                          # ties, many
+    got = postprocess(raws, spec, [size])[0]
+    ref = ref_detect([r[0] for r in raws], spec, *size)
+    assert_same(as_tuples(got), ref)
+    # the same pairs in Darknet's listing order (Detections.rank)
+    order = np.argsort(got.rank)
+    assert [(int(got.class_ids[i]), float(got.scores[i])) for i in order] == [r[:2] for r in ref]
+    # the data tells the rules apart: ties by candidate index keep other pairs
+    wrong = ref_detect([r[0] for r in raws], spec, *size, qsort=index_tie_sort)
+    assert sorted(wrong) != sorted(ref)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs the C library's qsort to be glibc's")
+def test_glibc_msort_transcription_is_the_real_glibc_qsort():
+    """The transcription's sort against libc's qsort itself (ctypes), on 88-byte elements like
+    Darknet's ``detection`` (glibc sorts those indirectly), with ties everywhere."""
+    import ctypes
+
+    class Det(ctypes.Structure):
+        _fields_ = [("index", ctypes.c_int), ("rest", ctypes.c_char * 84)]
+
+    assert ctypes.sizeof(Det) == 88
+    libc = ctypes.CDLL(None)
+    cmp_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(Det), ctypes.POINTER(Det))
+    libc.qsort.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, cmp_t]
+    libc.qsort.restype = None
+    rng = np.random.default_rng(4)
+    for n in (2, 7, 12, 50, 333, 2000):                     # alloca (< 1024 bytes) and malloc
+        dets = [{"index": i, "prob": [F(v) for v in rng.choice([0.0, 0.3, 0.5], size=3)],
+                 "sort_class": 0, "objectness": F(1)} for i in range(n)]
+        order = list(range(n))
+        for k in range(3):
+            for d in dets:
+                d["sort_class"] = k
+            arr = (Det * n)(*[Det(i) for i in order])
+            libc.qsort(arr, n, ctypes.sizeof(Det),
+                       cmp_t(lambda a, b: nms_comparator_v3(dets[a[0].index], dets[b[0].index])))
+            mine = [d["index"] for d in glibc_msort([dets[i] for i in order], nms_comparator_v3)]
+            order = [arr[i].index for i in range(n)]
+            assert order == mine, (n, k)
 
 
 def test_batch_matches_single_images():

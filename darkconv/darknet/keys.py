@@ -75,8 +75,9 @@ _TABLE: dict[str, tuple[set[str], set[str]]] = {
          "track_history_size", "sim_thresh", "dets_for_track", "dets_for_show", "track_ciou_norm",
          "embedding_layer", "map"}),
     "region": (
-        {"coords", "classes", "num", "softmax", "anchors", "tree", "map"},
-        {"max", "log", "sqrt", "focal_loss", "jitter", "resize", "rescore", "thresh", "classfix", "absolute",
+        {"coords", "classes", "num", "softmax", "anchors", "tree", "classfix"},
+        # l.map (a class-id map file) is read by forward_region_layer's training branch only
+        {"max", "log", "sqrt", "focal_loss", "jitter", "resize", "rescore", "thresh", "absolute", "map",
          "random", "coord_scale", "object_scale", "noobject_scale", "mask_scale", "class_scale", "bias_match"}),
     "empty": (set(), set()),
     "silence": (set(), set()),

@@ -61,19 +61,20 @@ def yolo_head(s: Section, prev: Shape) -> HeadSpec:
 
 
 def region_head(s: Section, prev: Shape) -> HeadSpec:
-    """[region] (parse_region): reads neither nms_kind nor beta_nms, so always the default NMS."""
+    """[region] (parse_region): reads neither nms_kind nor beta_nms, so always the default NMS.
+    Of its other keys only softmax (default 0) and classfix (-1: get_region_boxes zeroes the
+    objectness under .5) act at inference; map= and the rest train (keys.IGNORED)."""
     num = s.int("num", 1, lo=1)
     classes = s.int("classes", 20, lo=1)
     coords = s.int("coords", 4)
-    if coords != 4:
-        raise s.error(f"coords={coords}: only 4 is supported", "coords")
-    for key in ("tree", "map"):
-        if s.has(key):
-            raise s.error(f"[region] {key}= (YOLO9000 hierarchy) is not supported", key)
+    if coords != 4:  # get_region_boxes (src/region_layer.c) steps through entries as classes + 5
+        raise s.error(f"coords={coords}: only 4 is supported (Darknet's region decoding assumes 4 too)", "coords")
+    if s.has("tree"):  # softmax_tree + hierarchy_predictions change the class probabilities
+        raise s.error("[region] tree= (YOLO9000 hierarchical softmax) is not supported by darkconv", "tree")
     anchors = _anchors(s, num)
     _check_head_filters(s, prev, num, classes, coords)
     return HeadSpec("region", s.index, classes, tuple(anchors), tuple(range(num)), tuple(prev[1:]),
-                    1.0, 0, "default", 0.6, softmax=bool(s.int("softmax", 0)))
+                    1.0, 0, "default", 0.6, softmax=bool(s.int("softmax", 0)), classfix=s.int("classfix", 0))
 
 
 HEADS = {"yolo": yolo_head, "region": region_head}

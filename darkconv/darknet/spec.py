@@ -40,7 +40,8 @@ class HeadSpec:
     new_coords: int = 0
     nms_kind: str = "default"
     beta_nms: float = 0.6
-    softmax: bool = True           # [region] only: softmax over classes
+    softmax: bool = False          # [region] only: softmax over classes (parse_region: default 0)
+    classfix: int = 0              # [region] only: -1 = no classes where objectness < .5 (get_region_boxes)
 
     @property
     def num_anchors(self) -> int:

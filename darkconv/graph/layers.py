@@ -272,6 +272,10 @@ class MaxPool(DarknetModule):
     ``blur`` (antialiasing): Darknet pools at stride 1, then applies the fixed depthwise blur with the stride.
     """
 
+    #: emulate Darknet's CPU build with AVX (``forward_maxpool_layer_avx``, src/gemm.c); see
+    #: :func:`set_darknet_cpu_avx_maxpool`. Off: the GPU / non-AVX semantics the weights were trained with.
+    cpu_avx = False
+
     def __init__(self, size, stride, padding, depth_out: int = 0, blur=None):
         super().__init__()
         self.size, self.stride, self.padding, self.depth_out = size, stride, padding, depth_out
@@ -280,6 +284,33 @@ class MaxPool(DarknetModule):
     def forward(self, x):
         if self.depth_out:  # maxpool_depth: output channel g = max over channels g, g+out_c, ...
             return torch.stack([x[:, g::self.depth_out].amax(1) for g in range(self.depth_out)], 1)
+        y = self._pool(x)
+        if self.cpu_avx:
+            y = self._avx_blocks(x, y)
+        if self.blur is not None:
+            kernel, stride, pad = self.blur
+            y = F.conv2d(y, kernel.to(y.dtype), None, stride, pad, 1, y.shape[1])
+        return y
+
+    def _avx_blocks(self, x, y):
+        """Replace the output columns that ``forward_maxpool_layer_avx`` computes differently."""
+        k, pad = self.size, self.padding
+        pl = pad // 2
+        plan = avx_maxpool_blocks(k, self.stride, pad, x.shape[-1], y.shape[-1])
+        if not plan:
+            return y
+        parts, at = [], 0
+        for j0, n, m_lo, m_hi in plan:
+            if m_lo >= m_hi:                               # every tap skipped: -FLT_MAX stays
+                blk = torch.full_like(y[..., j0:j0 + n], -FLT_MAX)
+            else:                                          # stride 1: the taps lane 0 keeps
+                xs = F.pad(x[..., j0 - pl + m_lo:j0 - pl + m_hi + 7], (0, 0, pl, pad - pl), value=-FLT_MAX)
+                blk = F.max_pool2d(xs, (k, m_hi - m_lo), 1)
+            parts += [y[..., at:j0], blk]
+            at = j0 + n
+        return torch.cat(parts + [y[..., at:]], -1)
+
+    def _pool(self, x):
         p = self.padding
         pl, pr = p // 2, p - p // 2
         h, w = x.shape[-2:]
@@ -291,11 +322,60 @@ class MaxPool(DarknetModule):
                 x = _replicate_pad(x, pl, pr)
             else:
                 x = F.pad(x, (pl, pr, pl, pr), value=-FLT_MAX)
-        y = F.max_pool2d(x, self.size, self.stride)
-        if self.blur is not None:
-            kernel, stride, pad = self.blur
-            y = F.conv2d(y, kernel.to(y.dtype), None, stride, pad, 1, y.shape[1])
-        return y
+        return F.max_pool2d(x, self.size, self.stride)
+
+
+def avx_maxpool_blocks(size: int, stride, padding: int, w: int, out_w: int) -> list[tuple[int, int, int, int]]:
+    """Where ``forward_maxpool_layer_avx`` (src/gemm.c) differs from the plain maxpool loop.
+
+    stride 1: blocks of 8 output columns ``j0 = 0, 8, ...`` while ``j0 < out_w - 8 - (size-1)``;
+    tap (n, m) is skipped for all 8 lanes when lane 0's column ``j0 - pad/2 + m`` is outside the
+    row, so lanes 1..7 of the first block lose their leftmost in-image columns. size 2, stride 2:
+    blocks of 4 while ``j0 < out_w - 4``, tap m=0 only, the same lane-0 test (it fails only with
+    ``padding >= 2``: the block stays -FLT_MAX). The row test is shared by all lanes, hence exact;
+    other strides run the plain loop. Returns ``(j0, lanes, m_lo, m_hi)`` per differing block, the
+    block being the max over taps ``m_lo <= m < m_hi``; a ValueError where the AVX loop would read
+    past the row (odd geometries only), which darkconv does not emulate.
+    """
+    (sy, sx), pl = tuple(stride), padding // 2
+    out = []
+    if (sy, sx) == (1, 1):
+        for j0 in range(0, out_w - 8 - (size - 1), 8):
+            m_lo, m_hi = max(0, pl - j0), min(size, w + pl - j0)   # the taps lane 0 keeps
+            if m_lo < m_hi and j0 - pl + m_hi + 7 > w:
+                raise ValueError(f"maxpool size={size} padding={padding}: Darknet's AVX loop reads past the row")
+            if (m_lo, m_hi) != (0, size):
+                out.append((j0, 8, m_lo, m_hi))
+    elif (sy, sx) == (2, 2) and size == 2:
+        for j0 in range(0, out_w - 4, 4):
+            c0 = 2 * j0 - pl
+            if 0 <= c0 < w:
+                if c0 + 8 > w:
+                    raise ValueError(f"maxpool size=2 stride=2 padding={padding}: Darknet's AVX loop reads past the row")
+                continue                                   # the same two columns as the plain loop
+            out.append((j0, 4, 0, 0))
+    return out
+
+
+def set_darknet_cpu_avx_maxpool(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make every [maxpool] of ``model`` compute what Darknet's CPU build with AVX computes
+    (``forward_maxpool_layer_avx`` in src/gemm.c, used when ``stride_x == stride_y`` at inference):
+    for comparisons with such a build only. The default (off) is the GPU and non-AVX result.
+    A geometry the emulation does not cover is a CfgError naming the layer (DarknetModel)."""
+    sections = getattr(model, "sections", None)
+    shapes = getattr(model, "shapes", None)
+    for i, m in enumerate(model.layers if sections is not None else model.modules()):
+        if not isinstance(m, MaxPool):
+            continue
+        if enabled and sections is not None and not m.depth_out:
+            w_in = shapes[i - 1][2] if i > 0 else model.spec.width
+            w_out = (w_in + m.padding - m.size) // m.stride[1] + 1
+            try:
+                avx_maxpool_blocks(m.size, m.stride, m.padding, w_in, w_out)
+            except ValueError as e:
+                raise sections[i].error(f"{e}; darkconv does not emulate that (drop darknet_cpu_avx_maxpool)")
+        m.cpu_avx = bool(enabled)
+    return model
 
 
 def _pool_geometry(s) -> tuple[int, int, int, int]:
