@@ -83,7 +83,7 @@ def ort_heads(onnx_path, x, spec=None):
 def test_modules_import_without_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     install_cudart(monkeypatch, None)
-    for name in ("darkconv.export.tensorrt", "darkconv.runners.tensorrt"):
+    for name in ("darkconv.tensorrt_support", "darkconv.export.tensorrt", "darkconv.runners.tensorrt"):
         monkeypatch.delitem(sys.modules, name, raising=False)
         importlib.import_module(name)
     from darkconv.runners import runner_class
@@ -259,7 +259,8 @@ REMOVED_APIS = ("EXPLICIT_BATCH", "int8_calibrator", "IInt8EntropyCalibrator", "
                 "BuilderFlag.INT8", "execute_async_v2", "get_binding_shape", "num_bindings", "pycuda")
 
 
-@pytest.mark.parametrize("module", ["darkconv/export/tensorrt.py", "darkconv/runners/tensorrt.py"])
+@pytest.mark.parametrize("module", ["darkconv/export/tensorrt.py", "darkconv/runners/tensorrt.py",
+                                    "darkconv/tensorrt_support.py"])
 def test_no_removed_tensorrt_apis(module):
     text = (ROOT / module).read_text()
     used = [api for api in REMOVED_APIS if api in text]
@@ -597,7 +598,7 @@ def test_darkconv_exports_through_fake_tensorrt(fake, tmp_path):
 
 
 # -- names: everything the code calls exists in the real bindings ------------------------------------
-TRT_MODULES = ("darkconv/export/tensorrt.py", "darkconv/runners/tensorrt.py")
+TRT_MODULES = ("darkconv/export/tensorrt.py", "darkconv/runners/tensorrt.py", "darkconv/tensorrt_support.py")
 # which real class each receiver expression in the two modules is (checked: an unknown receiver of a
 # TensorRT/cuda object fails test_every_receiver_is_mapped, so new code cannot slip past)
 RECEIVERS = {

@@ -19,13 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..darknet.spec import ModelSpec
+from ..darknet.spec import INPUT_NAME, ModelSpec
 from ..errors import DarkconvError, ModelMismatch
-from ..export.tensorrt import (INPUT_NAME, REBUILD_HINT, _check_cuda, _import_cudart, _import_tensorrt,
-                               check_sidecar, gpu_info, read_sidecar)
+from ..tensorrt_support import (
+    REBUILD_HINT,
+    _check_cuda,
+    _import_cudart,
+    _import_tensorrt,
+    check_sidecar,
+    gpu_info,
+    read_sidecar,
+)
 from .base import Runner, outputs_by_name
 
-__all__ = ["TensorRTRunner", "gpu_info", "_check_cuda"]
+__all__ = ["TensorRTRunner", "_check_cuda", "gpu_info"]
 
 
 def _volume(shape) -> int:
@@ -52,7 +59,7 @@ def _nptype(trt, dt) -> np.dtype:
 class _Buffer:
     """One I/O tensor: a device buffer and a pinned host buffer of ``capacity`` elements."""
 
-    __slots__ = ("name", "is_input", "dtype", "capacity", "device", "host_ptr", "host")
+    __slots__ = ("capacity", "device", "dtype", "host", "host_ptr", "is_input", "name")
 
     def __init__(self, name: str, is_input: bool, dtype: np.dtype):
         self.name, self.is_input, self.dtype = name, is_input, np.dtype(dtype)
