@@ -16,7 +16,7 @@ _WARNED: set[str] = set()
 def int8_warning(path) -> str | None:
     """The saturation warning for an INT8 model whose recipe is known to saturate on this CPU, else None."""
     from ..cpu import cpu_info
-    from ..export.quantize import saturation_warning
+    from ..int8_recipes import saturation_warning
     from ..onnx_meta import read_metadata
 
     try:
