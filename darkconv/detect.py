@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DarkconvError, ImageError
+from .errors import DarkconvError, ImageError, InferenceError
 from .io import AtomicFile, atomic_write, check_output_path, prepare_output_dir
 from .pipeline import Timings, stream_detect
 from .postprocess import Detections
@@ -116,6 +116,13 @@ class JsonStream:
         self._file = self._atomic = None
 
     def add(self, entry: dict) -> None:
+        try:
+            self._add(entry)
+        except OSError as e:
+            self.discard()
+            raise DarkconvError(f"cannot write the JSON: {e.strerror or e}", file=str(self.path)) from None
+
+    def _add(self, entry: dict) -> None:
         if self._file is None:
             self._atomic = AtomicFile(self.path)
             fd = os.open(self._atomic.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -128,16 +135,23 @@ class JsonStream:
         """Close the list and rename it into place; False (nothing written) when there was no entry."""
         if self._file is None:
             return False
-        self._file.write("\n]\n")
-        self._file.close()
+        try:
+            self._file.write("\n]\n")
+            self._file.close()
+        except OSError as e:
+            self.discard()
+            raise DarkconvError(f"cannot write the JSON: {e.strerror or e}", file=str(self.path)) from None
         self._file = None
         self._atomic.commit()
         return True
 
     def discard(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError:  # a full disk fails the flush too: the temp file goes anyway
+                pass
         if self._atomic is not None and not self._atomic.done:
             self._atomic.discard()
 
@@ -650,7 +664,7 @@ def detect_source(runner, source: Source, names, *, thresh=0.25, nms=0.45, lette
 
 def _result(frame, det) -> ImageResult:
     if isinstance(det, BaseException):
-        stage = "read" if isinstance(det, ImageError) else "inference"
+        stage = "inference" if isinstance(det, InferenceError) else "read"  # anything before inference: read
         bare = getattr(det, "bare", None) or str(det)
         im = None if stage == "read" else getattr(frame, "image", None)
         size = (im.shape[1], im.shape[0]) if im is not None else (0, 0)

@@ -72,7 +72,7 @@ def artifact_precision(model) -> str:
     if model_kind(model) == "onnx":
         from .onnx_meta import onnx_precision
         return onnx_precision(model)
-    from .export.tensorrt import read_sidecar
+    from .tensorrt_support import read_sidecar
     return str(read_sidecar(model).get("precision", "fp32"))
 
 
@@ -151,7 +151,7 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
         raise DarkconvError("the tensorrt backend runs engines: build one with "
                             "`darkconv convert MODEL.cfg MODEL.weights --engine MODEL.plan`")
     if backend == "tensorrt":
-        from .export.tensorrt import require_tensorrt
+        from .tensorrt_support import require_tensorrt
         require_tensorrt()  # the same error as `convert --engine`, before any work
     if precision == "int8" and not calib:
         raise DarkconvError("INT8 needs calibration images: run `darkconv convert CFG WEIGHTS --precision "
@@ -491,10 +491,10 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
 
     threads = [threading.Thread(target=fn, name=f"darkconv-stream-{fn.__name__}", daemon=True)
                for fn in (feeder, inferer, poster)]
-    return _consume(threads, q_out, stop, pool, on_batch)
+    return _consume(threads, q_out, stop, pool, on_batch, frames)
 
 
-def _consume(threads, q_out, stop, pool, on_batch):
+def _consume(threads, q_out, stop, pool, on_batch, frames=None):
     for th in threads:
         th.start()
     try:
@@ -509,6 +509,9 @@ def _consume(threads, q_out, stop, pool, on_batch):
             yield from item
     finally:
         stop.set()
+        source_stop = getattr(frames, "stop", None)  # a live source blocked in its read wakes up too (sources.Source)
+        if callable(source_stop):
+            source_stop()
         for th in threads:
             th.join()
         pool.shutdown(wait=True, cancel_futures=True)

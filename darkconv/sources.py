@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import re
 import threading
 import time
@@ -277,7 +278,7 @@ class VideoSource(Source):
         if self.kind == "camera":
             index = int(s) if _CAMERA_RE.match(s) else None
             dev = f"/dev/video{index}" if index is not None else s
-            if os.name == "posix" and Path("/dev").is_dir() and not os.path.exists(dev):
+            if sys.platform.startswith("linux") and not os.path.exists(dev):  # V4L2 names; macOS has none
                 raise self._error(f"no such camera ({dev} does not exist on this machine); give a video file "
                                   "or a stream URL instead, or check the camera's index with `v4l2-ctl --list-devices`")
             target = index if index is not None else s

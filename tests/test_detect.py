@@ -226,3 +226,42 @@ def test_opencv_runner_can_be_activated_twice(default_model):
     with r:  # the torch copy used for the BN-eps fix is freed after activation: it must be reloaded
         second = r.infer(x)
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_json_write_failure_is_one_error_and_leaves_nothing(tmp_path):
+    """A full disk while the JSON streams (ENOSPC on write/close) is a darkconv error naming the file, and the
+    temporary file is removed: no half-written JSON."""
+    from darkconv.detect import JsonStream
+    from darkconv.errors import DarkconvError
+
+    js = JsonStream(tmp_path / "o.json")
+    js.add({"frame_id": 1, "objects": []})
+    real = js._file
+
+    class Full:
+        def write(self, *a):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            raise OSError(28, "No space left on device")
+
+    js._file = Full()
+    with pytest.raises(DarkconvError, match=r"o\.json: cannot write the JSON: No space left on device"):
+        js.finish()
+    real.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_frame_that_fails_before_inference_is_a_read_failure():
+    """Only an InferenceError is the backend's; a frame the pipeline could not prepare (wrong dtype/shape via the
+    API, an unreadable file) failed at reading."""
+    from types import SimpleNamespace
+
+    from darkconv.detect import _result
+    from darkconv.errors import InferenceError
+
+    frame = SimpleNamespace(index=0, name="f", path=None, image=np.zeros((4, 4), np.float32))
+    assert _result(frame, ValueError("expected HxWx3 uint8")).failed_stage == "read"
+    good = SimpleNamespace(index=0, name="f", path=None, image=np.zeros((4, 6, 3), np.uint8))
+    r = _result(good, InferenceError("server gone"))
+    assert r.failed_stage == "inference" and r.size == (6, 4)
