@@ -88,11 +88,12 @@ def detect_dataset(runners, paths: Sequence, posts: Sequence[Sequence[tuple[floa
     (w, h))`` may raise for an image whose size is not what the labels say. An unreadable image (or a
     failed batch) stops the run with its error.
     """
-    from .pipeline import ImageFile, Timings, stream_runs
+    from .pipeline import Timings, stream_runs
+    from .sources import ImageFileFrame
 
     t = timings if timings is not None else {}
     tm = Timings()
-    frames = (ImageFile(i, p) for i, p in enumerate(paths))
+    frames = (ImageFileFrame(i, p) for i, p in enumerate(paths))
     out = [[[] for _ in p] for p in posts]
     sizes: list[tuple[int, int]] = []
     runs = stream_runs(runners, frames, posts, batch=batch, letterbox=letterbox, timings=tm, workers=workers,

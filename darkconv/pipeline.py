@@ -517,24 +517,6 @@ def _consume(threads, q_out, stop, pool, on_batch, frames=None):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class ImageFile:
-    """A frame of an image file decoded on first use of ``image`` (in a preprocessing thread of
-    :func:`stream_runs`); an unreadable file raises its :class:`~darkconv.errors.ImageError` there."""
-
-    __slots__ = ("index", "name", "path", "fps", "_image")
-
-    def __init__(self, index: int, path):
-        self.index, self.path, self.name, self.fps, self._image = index, Path(path), str(path), None, None
-
-    @property
-    def image(self) -> np.ndarray:
-        if self._image is None:
-            from .preprocess import load_image
-
-            self._image = load_image(self.path)
-        return self._image
-
-
 def default_workers() -> int:
     """Preprocessing threads: one per core beyond the first, at least one."""
     import os

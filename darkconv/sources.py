@@ -50,12 +50,13 @@ class Frame:
     fps: float | None = None
 
 
-class _ImageFileFrame(Frame):
+class ImageFileFrame(Frame):
     """A frame of an image file, decoded on first access of ``image`` (in the pipeline's preprocessing
     threads, so decoding runs in parallel with inference); an unreadable file raises its
     :class:`ImageError` there (``darkconv.pipeline.stream_detect`` turns it into that frame's result)."""
 
-    def __init__(self, index: int, path: Path, source: "Source"):
+    def __init__(self, index: int, path, source: "Source | None" = None):
+        path = Path(path)
         self.index, self.name, self.path, self.fps = index, str(path), path, None
         self._source, self._image, self._error = source, None, None
         self._lock = threading.Lock()
@@ -70,7 +71,8 @@ class _ImageFileFrame(Frame):
                 except ImageError as e:
                     self._error = e
                 finally:
-                    self._source._add_decode(time.perf_counter() - t0)
+                    if self._source is not None:
+                        self._source._add_decode(time.perf_counter() - t0)
             if self._error is not None:
                 raise self._error
             return self._image
@@ -215,7 +217,7 @@ class ImageSource(Source):
             if self._closed.is_set():
                 return
             self.frames_read += 1
-            yield _ImageFileFrame(i, Path(p), self)
+            yield ImageFileFrame(i, Path(p), self)
 
     def describe(self) -> str:
         return f"{self.total} image(s)"

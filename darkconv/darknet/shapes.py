@@ -18,6 +18,10 @@ from .spec import NMS_KINDS, HeadSpec, ModelSpec
 Shape = tuple[int, int, int]  # (c, h, w)
 
 
+#: parse_convolutional's default for share_index: no sharing
+SHARE_NONE = -1000000000
+
+
 # -- heads (parse_yolo / parse_region) ------------------------------------------------------
 def _nms_kind(s: Section) -> str:
     """parse_yolo: greedynms / diounms, anything else (cornersnms included) means the default NMS.
@@ -217,9 +221,8 @@ def tensor_layout(cfg: Cfg, input_shape: Shape | None = None) -> list[tuple[int,
     for s in cfg.layers:
         i, t = s.index, s.type
         c = (input_shape if i == 0 else shapes[i - 1])[0]
-        if t == "convolutional" and s.has("share_index") and s.int("share_index") != -1000000000:
+        if t == "convolutional" and s.has("share_index") and s.int("share_index") != SHARE_NONE:
             continue  # computes with an earlier conv's tensors: nothing of its own in the file
-            # (-1000000000 is parse_convolutional's default: no sharing)
         if t == "convolutional":
             n, size, groups = shapes[i][0], s.int("size", 1), s.int("groups", 1)
             bn = bool(s.int("batch_normalize", 0) or s.int("cbn", 0))

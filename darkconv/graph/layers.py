@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..darknet.shapes import region_head, yolo_head
+from ..darknet.shapes import SHARE_NONE, region_head, yolo_head
 from .activations import Activation, activation
 from .registry import BuildContext, Built, register
 
@@ -221,7 +221,6 @@ def build_convolutional(s, ctx: BuildContext) -> Built:
                  share=share, info=info)
 
 
-SHARE_NONE = -1000000000  # parse_convolutional's default for share_index: no sharing
 
 
 def _share_target(s, ctx: BuildContext, c: int, n: int, size: int, groups: int, bn: bool) -> int | None:
