@@ -169,7 +169,7 @@ def _stub_reads_numpy() -> bool:
 
 def check_repository(repo) -> None:
     """Refuse, in one line, what the bundled server (python backend only) cannot serve in ``repo``."""
-    from .export.triton import parse_config
+    from .triton_config import parse_config
 
     for cfg_path in sorted(Path(repo).glob("*/config.pbtxt")):
         cfg = parse_config(cfg_path)

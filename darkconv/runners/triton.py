@@ -241,7 +241,7 @@ def served_name(model) -> str:
     if p.is_dir():
         if (p / "config.pbtxt").is_file():
             return p.name
-        from ..export.triton import repository_models
+        from ..triton_config import repository_models
 
         names = repository_models(p)
         if len(names) != 1:
