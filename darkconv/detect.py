@@ -755,14 +755,16 @@ class Detect:
         try:
             weights = self.weights
             if self.random_weights:
-                import darkconv
-
                 warnings.warn(DarkconvWarning(f"--random-weights: {RANDOM_NOTE}; every output says so"))
-                tmp = tempfile.mkdtemp(prefix="darkconv-random-")
-                weights = str(Path(tmp) / (Path(self.model).stem + "-random.weights"))
-                darkconv.load(self.model).randomize(0).save_weights(weights)
+                if (self.backend or "").lower() == "opencv":  # OpenCV reads a .weights file itself
+                    import darkconv
+
+                    tmp = tempfile.mkdtemp(prefix="darkconv-random-")
+                    weights = str(Path(tmp) / (Path(self.model).stem + "-random.weights"))
+                    darkconv.load(self.model).randomize(0).save_weights(weights)
             runner = open_runner(self.model, weights, self.backend, threads=threads, width=self.width,
-                                 height=self.height, log=log, url=url, device=device)
+                                 height=self.height, log=log, url=url, device=device,
+                                 random_weights=self.random_weights and weights is None)
             with runner:
                 class_names = resolve_names(runner.spec, names)
                 self.where = runner.describe() + (" with random weights" if self.random_weights else "")
