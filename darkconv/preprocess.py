@@ -326,32 +326,59 @@ def preprocess(image: np.ndarray, size: Sequence[int], letterbox: bool = False) 
 def preprocess_into(image: np.ndarray, size: Sequence[int], letterbox: bool, out: np.ndarray) -> None:
     """:func:`preprocess` written into ``out`` (a float32 (3, H, W) array, e.g. one slot of a batch).
 
-    The uint8 fast path of ``mat_to_image`` + ``resize_image``: ``u8 / 255.0f`` through a 256-entry table,
-    the horizontal pass on gathered columns with per-column weights, the vertical pass on gathered rows,
-    each float32 product and sum rounded where Darknet's C code rounds it (the same numbers as
-    :func:`resize`; tests/test_preprocess.py checks both against the loop transcription). Scratch buffers
-    are kept per thread, so that a stream of images does not pay for fresh pages each time.
+    The uint8 fast path of ``mat_to_image`` + ``resize_image`` (+ ``embed_image`` for letterbox): the compiled
+    kernel ``darkconv._cresize`` where it was built (one pass, no GIL, only the rows the vertical pass reads),
+    otherwise NumPy (``u8 / 255.0f`` through a 256-entry table, the horizontal pass on gathered columns with
+    per-column weights, the vertical pass on gathered rows). Both round each float32 product and sum where
+    Darknet's C code rounds it: the same numbers as :func:`resize` (tests/test_preprocess.py checks both
+    kernels against the loop transcription). :func:`kernel` says which one runs.
     """
     w, h = _size(size)
     im = _check_u8_hwc(image)
+    ih, iw = im.shape[:2]
     if letterbox:
-        ih, iw = im.shape[:2]
         new_w, new_h, dx, dy = letterbox_geometry(iw, ih, w, h)
-        out.fill(_F32(0.5))                                # fill_image(boxed, .5)
-        if new_w <= 0 or new_h <= 0:
-            return
-        x0, y0 = max(dx, 0), max(dy, 0)
-        x1, y1 = min(dx + new_w, w), min(dy + new_h, h)
-        if x1 <= x0 or y1 <= y0:
-            return
-        if (x0, y0, x1, y1) == (dx, dy, dx + new_w, dy + new_h):   # embed_image: the whole picture fits
-            _resize_u8_into(im, new_w, new_h, out[:, y0:y1, x0:x1])
-        else:                                              # pixels off the canvas are dropped
-            tmp = np.empty((3, new_h, new_w), _F32)
-            _resize_u8_into(im, new_w, new_h, tmp)
-            out[:, y0:y1, x0:x1] = tmp[:, y0 - dy:y1 - dy, x0 - dx:x1 - dx]
     else:
-        _resize_u8_into(im, w, h, out)
+        new_w, new_h, dx, dy = w, h, 0, 0
+    x0, y0 = max(dx, 0), max(dy, 0)
+    x1, y1 = min(dx + new_w, w), min(dy + new_h, h)
+    if new_w <= 0 or new_h <= 0 or x1 <= x0 or y1 <= y0:   # nothing of the picture lands on the canvas
+        out.fill(_F32(0.5))
+        return
+    whole = (x0, y0, x1, y1) == (dx, dy, dx + new_w, dy + new_h)   # embed_image: the whole picture fits
+    if letterbox and whole:                                # fill_image(boxed, .5) around the picture
+        out[:, :y0] = out[:, y1:] = _F32(0.5)
+        out[:, y0:y1, :x0] = out[:, y0:y1, x1:] = _F32(0.5)
+    elif letterbox:
+        out.fill(_F32(0.5))
+    c_kernel = _C is not None and out.dtype == _F32 and out.flags.c_contiguous and out.shape == (3, h, w)
+    if c_kernel and whole:
+        src = im if im.flags.c_contiguous else np.ascontiguousarray(im)
+        _C.resize_u8(src, ih, iw, out, h, w, new_w, new_h, dx, dy)
+    elif whole:
+        _resize_u8_into(im, new_w, new_h, out[:, y0:y1, x0:x1])
+    else:                                                  # pixels off the canvas are dropped
+        tmp = preprocess(im, (new_w, new_h))
+        out[:, y0:y1, x0:x1] = tmp[:, y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+
+
+def _load_kernel():
+    """The compiled preprocessing kernel, or None where it was not built (NumPy runs the same numbers)."""
+    if os.environ.get("DARKCONV_NO_C_KERNEL"):
+        return None
+    try:
+        from . import _cresize
+    except ImportError:
+        return None
+    return _cresize
+
+
+_C = _load_kernel()
+
+
+def kernel() -> str:
+    """Which resize kernel :func:`preprocess_into` runs: ``"c"`` (``darkconv._cresize``) or ``"numpy"``."""
+    return "c" if _C is not None else "numpy"
 
 
 #: u8 -> float32 exactly as ``mat_to_image``: ``(float)u8 / 255.0f``

@@ -200,7 +200,7 @@ def test_letterbox_canvas_and_content():
 
 
 # ----------------------------------------------------------------------------- preprocess
-def test_preprocess_stretch_and_letterbox():
+def test_preprocess_stretch_and_letterbox(u8_kernel):
     rng = np.random.default_rng(11)
     img = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
     im = ref_mat_to_image(img)
@@ -220,7 +220,7 @@ def test_preprocess_stretch_and_letterbox():
     assert np.all(r[0] == 1.0) and np.all(r[1:] == 0.0)
 
 
-def test_preprocess_batch():
+def test_preprocess_batch(u8_kernel):
     rng = np.random.default_rng(5)
     imgs = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in ((20, 30, 3), (30, 20, 3))]
     batch = pp.preprocess_batch(imgs, (16, 16), letterbox=True)
@@ -231,13 +231,28 @@ def test_preprocess_batch():
         pp.preprocess(np.zeros((4, 4, 3), np.float32), (8, 8))
 
 
+@pytest.fixture(params=["c", "numpy"])
+def u8_kernel(request, monkeypatch):
+    """Run a test through each uint8 kernel: the compiled ``darkconv._cresize`` and the NumPy one."""
+    if request.param == "numpy":
+        monkeypatch.setattr(pp, "_C", None)
+    elif pp._C is None:
+        import os
+
+        if os.environ.get("DARKCONV_NO_C_KERNEL"):
+            pytest.skip("DARKCONV_NO_C_KERNEL is set: the compiled kernel is switched off")
+        pytest.fail("darkconv._cresize was not built (needs a C compiler): `pip install --no-deps -e .` again")
+    assert pp.kernel() == request.param
+    return request.param
+
+
 def ref_to_float(rgb_u8: np.ndarray) -> np.ndarray:
     """``mat_to_image`` vectorised (the same float32 division as :func:`ref_mat_to_image`)."""
     return rgb_u8.transpose(2, 0, 1).astype(F) / F(255.0)
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_preprocess_u8_fast_path_random_sizes(seed):
+def test_preprocess_u8_fast_path_random_sizes(seed, u8_kernel):
     """The uint8 fast path (table lookup, gathered columns/rows, scratch buffers) against the transcription,
     stretch and letterbox, on random sizes: up, down, one pixel wide/high, equal in one axis."""
     rng = np.random.default_rng(100 + seed)
@@ -263,7 +278,7 @@ def test_preprocess_u8_fast_path_random_sizes(seed):
 
 @pytest.mark.parametrize("src", [(768, 576), (640, 424), (500, 500), (300, 900), (1000, 333), (416, 416),
                                  (416, 300), (200, 416)])
-def test_preprocess_u8_network_sizes(src):
+def test_preprocess_u8_network_sizes(src, u8_kernel):
     """Photo sizes -> 416x416, stretch and letterbox (embedded into a strided canvas view), bit for bit."""
     rng = np.random.default_rng(src[0] + 7 * src[1])
     img = rng.integers(0, 256, size=(src[1], src[0], 3), dtype=np.uint8)
@@ -275,6 +290,45 @@ def test_preprocess_u8_network_sizes(src):
     pp.preprocess_into(img, (416, 416), True, out[1])
     np.testing.assert_array_equal(out[1], pp.preprocess(img, (416, 416), letterbox=True))
     assert np.isnan(out[0]).all()
+
+
+def test_preprocess_u8_extreme_scales_and_views(u8_kernel):
+    """Tiny to large and back (rows read many times / skipped), Darknet's near-black last row, and
+    non-contiguous inputs (a mirrored view, one channel of a 4-channel array): bit for bit."""
+    rng = np.random.default_rng(99)
+    for (iw, ih), (w, h) in [((3, 2), (416, 416)), ((20, 16), (416, 416)), ((1200, 900), (64, 48)),
+                             ((2000, 37), (416, 416)), ((37, 2000), (416, 416)), ((2, 5), (9, 3))]:
+        img = rng.integers(0, 256, size=(ih, iw, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(pp.preprocess(img, (w, h)), ref_resize_image_by_column(ref_to_float(img), w, h))
+    ones = np.full((16, 20, 3), 255, np.uint8)              # 16 -> 416 rows: the last row is (1-dy)*part[14]
+    out = pp.preprocess(ones, (416, 416))
+    assert out[:, -1, :].max() < 1e-5 and np.all(out[:, :-1, :] > 0.99)
+    img = rng.integers(0, 256, size=(61, 83, 4), dtype=np.uint8)
+    for view in (img[:, ::-1, :3], img[::-1, :, 1:]):
+        assert not view.flags.c_contiguous
+        np.testing.assert_array_equal(pp.preprocess(view, (50, 40), letterbox=True),
+                                      ref_letterbox_image(ref_to_float(np.ascontiguousarray(view)), 50, 40,
+                                                          resize=ref_resize_image_by_column))
+
+
+def test_c_kernel_checks_its_arguments():
+    """The compiled kernel refuses buffers that do not match the sizes it is given (never writes out of bounds)."""
+    try:
+        from darkconv import _cresize as c
+    except ImportError:
+        pytest.fail("darkconv._cresize was not built (needs a C compiler): `pip install --no-deps -e .` again")
+    src = np.zeros((4, 5, 3), np.uint8)
+    dst = np.zeros((3, 8, 8), F)
+    with pytest.raises(ValueError, match="src must hold"):
+        c.resize_u8(src, 5, 5, dst, 8, 8, 8, 8, 0, 0)
+    with pytest.raises(ValueError, match="dst must hold"):
+        c.resize_u8(src, 4, 5, dst, 8, 9, 8, 8, 0, 0)
+    with pytest.raises(ValueError, match="fit inside"):
+        c.resize_u8(src, 4, 5, dst, 8, 8, 6, 6, 3, 0)
+    with pytest.raises(ValueError, match="positive"):
+        c.resize_u8(src, 4, 5, dst, 8, 8, 0, 6, 0, 0)
+    with pytest.raises((ValueError, TypeError, BufferError)):
+        c.resize_u8(src, 4, 5, dst.astype(np.float64)[:, :, ::2], 8, 8, 8, 8, 0, 0)
 
 
 # ----------------------------------------------------------------------------- loading
