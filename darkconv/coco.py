@@ -23,7 +23,6 @@ The metrics are never computed here: the ground truth and these detections go to
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 from pathlib import Path
 from typing import Sequence
@@ -115,13 +114,11 @@ def detector_valid_entries(dets: Detections, size: tuple[int, int], image_id: in
     ymin = np.where(ymin < 0, _F32(0), ymin)
     xmax = np.where(xmax > _F32(w), _F32(w), xmax)
     ymax = np.where(ymax > _F32(h), _F32(h), ymax)
-    out = []
-    for k in range(scores.size):
-        cat = cat_ids[int(cls[k])]
-        if scores[k] > 0 and cat is not None:
-            out.append((int(image_id), int(cat), float(xmin[k]), float(ymin[k]), float(xmax[k] - xmin[k]),
-                        float(ymax[k] - ymin[k]), float(scores[k])))
-    return out
+    cats = np.array([-1 if c is None else int(c) for c in cat_ids], np.int64)[cls] if cls.size else cls
+    keep = (scores > 0) & (cats >= 0)
+    cols = (cats[keep], xmin[keep], ymin[keep], (xmax - xmin)[keep], (ymax - ymin)[keep], scores[keep])
+    iid = int(image_id)
+    return [(iid, c, x0, y0, bw_, bh_, s) for c, x0, y0, bw_, bh_, s in zip(*(v.tolist() for v in cols))]
 
 
 def format_detector_valid(rows: Sequence[tuple]) -> str:
@@ -133,9 +130,10 @@ def format_detector_valid(rows: Sequence[tuple]) -> str:
 
 
 def rows_as_results(rows: Sequence[tuple]) -> list[dict]:
-    """The rows as COCO result dicts, with the values the JSON file holds (``%f``: 6 decimals)."""
-    return [{"image_id": r[0], "category_id": r[1], "bbox": [float("%f" % v) for v in r[2:6]],
-             "score": float("%f" % r[6])} for r in rows]
+    """The rows as COCO result dicts, with the values the JSON file holds (``%f``: 6 decimals; ``round(v, 6)``
+    is the same correctly rounded number as ``float("%f" % v)``, without the text)."""
+    return [{"image_id": i, "category_id": c, "bbox": [round(x, 6), round(y, 6), round(w, 6), round(h, 6)],
+             "score": round(s, 6)} for i, c, x, y, w, h, s in rows]
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -192,15 +190,16 @@ def library() -> tuple[str, str]:
                             "or pass --no-coco") from None
 
 
-def coco_metrics(gt: dict, results: list[dict], *, use: str | None = None) -> dict:
+def coco_metrics(gt: dict, results: list[dict], *, use: str | None = None, copy: bool = True) -> dict:
     """COCOeval (bbox) of ``results`` against ``gt``: the 12 standard figures and per-category AP.
 
     ``use``: ``faster-coco-eval`` / ``pycocotools`` (default: the first one installed). Figures
-    COCOeval reports as -1 (no object in that area range) are None.
+    COCOeval reports as -1 (no object in that area range) are None. The libraries add keys to the dicts they
+    are given: ``copy=False`` lets them change ``gt`` and ``results`` (for dicts the caller made for this call).
     """
     name, version = library() if use is None else (use, _version(use))
-    gt = copy.deepcopy(gt)
-    results = copy.deepcopy(results)
+    if copy:
+        gt, results = _fresh(gt), [{**r, "bbox": list(r["bbox"])} for r in results]
     if name == "faster-coco-eval":
         from faster_coco_eval import COCO, COCOeval_faster
 
@@ -230,14 +229,28 @@ def coco_metrics(gt: dict, results: list[dict], *, use: str | None = None) -> di
     stats = [float(v) for v in ev.stats[:12]]
     prec = np.asarray(ev.eval["precision"])        # (iou, recall, category, area, maxdets)
     per_cat = []
+    objects: dict = {}
+    for a in gt["annotations"]:
+        if not a.get("iscrowd", 0):
+            objects[a["category_id"]] = objects.get(a["category_id"], 0) + 1
     for k, cat in enumerate(ev.params.catIds):
         p = prec[:, :, k, 0, -1]
         p = p[p > -1]
-        n_gt = sum(1 for a in gt["annotations"] if a["category_id"] == cat and not a.get("iscrowd", 0))
+        n_gt = objects.get(cat, 0)
         per_cat.append({"category_id": int(cat), "ap": float(p.mean()) if p.size else None, "objects": n_gt})
     return {"library": name, "version": version,
             "stats": {n: (None if v < 0 else v) for n, v in zip(STAT_NAMES, stats)},
             "per_category": per_cat, "detections": len(results)}
+
+
+def _fresh(gt: dict) -> dict:
+    """A copy of a ground-truth dict that the COCO libraries may change (they add keys to its dicts) without
+    touching the caller's: new dicts for the dataset and each image, annotation and category."""
+    out = {k: v for k, v in gt.items()}
+    for key in ("images", "annotations", "categories"):
+        if key in out:
+            out[key] = [{**d, "bbox": list(d["bbox"])} if "bbox" in d else dict(d) for d in out[key]]
+    return out
 
 
 def _empty(gt: dict, name: str, version: str) -> dict:

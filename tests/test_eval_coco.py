@@ -139,13 +139,18 @@ def test_coco_metrics_equal_pycocotools_on_the_same_file(tmp_path):
     f = tmp_path / "coco_results.json"
     f.write_text(cocolib.format_detector_valid(rows))
     results = json.loads(f.read_text())
+    assert cocolib.rows_as_results(rows) == results          # the values the file holds, without the text
+    gt_before, results_before = json.dumps(gt), json.dumps(results)
     ours = cocolib.coco_metrics(gt, results)
+    assert cocolib.coco_metrics(gt, results) == ours         # the caller's dicts are left as they were
+    assert json.dumps(gt) == gt_before and json.dumps(results) == results_before
     assert ours["library"] == "faster-coco-eval"
     ref = _pycocotools(gt, f)
     got = np.array([ours["stats"][n] if ours["stats"][n] is not None else -1 for n in cocolib.STAT_NAMES])
     assert (ref > 0).sum() >= 10
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     via_pycocotools = cocolib.coco_metrics(gt, results, use="pycocotools")
+    assert json.dumps(gt) == gt_before and json.dumps(results) == results_before
     np.testing.assert_allclose([via_pycocotools["stats"][n] or 0 for n in cocolib.STAT_NAMES], np.maximum(ref, 0),
                                atol=1e-12)
 
