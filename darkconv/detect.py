@@ -744,12 +744,12 @@ class Detect:
             self.source.close()
             raise
 
-    def run(self, *, threads=None, url=None, device=None, names=None, thresh=0.25, nms=0.45, letterbox=None, agnostic=False,
+    def run(self, *, threads=None, lanes=None, url=None, device=None, names=None, thresh=0.25, nms=0.45, letterbox=None, agnostic=False,
             max_det=None, batch=1, print_max=MAX_PRINT, quiet=False, log=print, progress=True):
         import warnings
 
         from .errors import DarkconvWarning
-        from .pipeline import open_runner, resolve_names
+        from .pipeline import default_backend, default_lanes, open_runner, resolve_names
 
         tmp = None
         try:
@@ -762,8 +762,11 @@ class Detect:
                     tmp = tempfile.mkdtemp(prefix="darkconv-random-")
                     weights = str(Path(tmp) / (Path(self.model).stem + "-random.weights"))
                     darkconv.load(self.model).randomize(0).save_weights(weights)
+            if lanes is None:  # throughput for files, latency for live sources
+                lanes = default_lanes(self.backend or ("triton" if url else default_backend(self.model)),
+                                      live=self.source.live, threads=threads)
             runner = open_runner(self.model, weights, self.backend, threads=threads, width=self.width,
-                                 height=self.height, log=log, url=url, device=device,
+                                 height=self.height, log=log, url=url, device=device, lanes=lanes,
                                  random_weights=self.random_weights and weights is None)
             with runner:
                 class_names = resolve_names(runner.spec, names)

@@ -132,7 +132,7 @@ def parse_ref(ref) -> tuple[str, str]:
     return canonical(backend), precision
 
 
-def _open(model, weights, backend, precision, *, threads, width, height, calib, workdir, log, url=None):
+def _open(model, weights, backend, precision, *, threads, width, height, calib, workdir, log, url=None, lanes=1):
     """A runner for ``model`` on ``backend`` at ``precision`` (through ``pipeline.open_runner``) and what runs."""
     from .pipeline import artifact_precision, default_backend, model_kind, open_runner
     from .runners import canonical
@@ -159,8 +159,22 @@ def _open(model, weights, backend, precision, *, threads, width, height, calib, 
                                 file=str(model))
         precision = actual
     runner = open_runner(model, weights, backend, threads=threads, width=width, height=height,
-                         precision=precision, calib=calib, workdir=workdir, log=log)
+                         precision=precision, calib=calib, workdir=workdir, log=log, lanes=lanes)
     return runner, backend, precision
+
+
+def _lanes(lanes, backends, threads) -> int:
+    """Inference lanes for the runs under way: ``lanes`` if given (every backend must take it), else
+    :func:`darkconv.pipeline.default_lanes` when every run is on onnxruntime, else 1."""
+    from .pipeline import default_lanes
+
+    others = sorted({b for b in backends if b != "onnxruntime"})
+    if lanes is None:
+        return 1 if others else default_lanes("onnxruntime", threads=threads)
+    if int(lanes) > 1 and others:
+        raise DarkconvError(f"--lanes {lanes}: {' and '.join(others)} take(s) one inference call at a time, and "
+                            "every run of an eval shares its batches: drop --lanes")
+    return int(lanes)
 
 
 def _model_info(model, weights, backend, precision, runner) -> dict:
@@ -182,7 +196,8 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
              precision: str | None = None, calib=None, ref=None, ref_thresh: float = 0.25,
              iou_thresh: float = 0.5, points: int = 0, thresh: float = 0.25, letterbox: bool | None = None,
              names=None, batch: int = 1, threads: int | None = None, size: tuple[int, int] | None = None,
-             ref_model=None, ref_weights=None, url=None, coco: bool = True, coco_json=None, limit: int | None = None, progress=None, log=None) -> EvalResult:
+             ref_model=None, ref_weights=None, url=None, coco: bool = True, coco_json=None, limit: int | None = None,
+             lanes: int | None = None, progress=None, log=None) -> EvalResult:
     """Evaluate ``model`` (cfg + weights, .onnx or engine) on ``data``.
 
     ``data``: a Darknet ``.data``, a COCO annotations ``.json`` (with ``images`` = its image folder),
@@ -193,6 +208,8 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
     ``calib``; ``url``: the model served by Triton at ``HOST:PORT[,...]``). ``iou_thresh``, ``points`` (0 = area under the curve, 11, 101) and ``thresh`` are
     ``detector map``'s ``-iou_thresh``, ``-points`` and ``-thresh``; ``letterbox`` None = the cfg's.
     ``coco``: also compute COCO metrics; ``coco_json``: write the ``detector valid`` detections there.
+    ``lanes``: onnxruntime inference calls at once (None: one per core up to 4 when every run is on
+    onnxruntime, see :func:`darkconv.pipeline.default_lanes`).
     ``progress``: a tqdm-like factory (``progress(total=N)``); ``log``: a print-like callable.
     """
     import tempfile
@@ -218,17 +235,24 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
                            "with a reference run")
     width, height = size if size else (None, None)
     notes = list(ds.notes)
+    from .pipeline import default_backend
+    from .runners import canonical
+
+    backend = canonical(backend or ("triton" if url else default_backend(model)))
+    if agreement:
+        rb, rp = parse_ref(ref)
+        rm, rw = (ref_model, ref_weights) if ref_model is not None else (model, weights)
+    n_lanes = _lanes(lanes, [backend] + ([rb] if agreement else []), threads)
     with tempfile.TemporaryDirectory(prefix="darkconv-eval-") as workdir:
         t0 = time.perf_counter()
         runner, backend, precision = _open(model, weights, backend, precision, threads=threads, width=width,
-                                           height=height, calib=calib, workdir=workdir, log=log, url=url)
+                                           height=height, calib=calib, workdir=workdir, log=log, url=url,
+                                           lanes=n_lanes)
         runners = [runner]
         ref_info = None
         if agreement:
-            rb, rp = parse_ref(ref)
-            rm, rw = (ref_model, ref_weights) if ref_model is not None else (model, weights)
             ref_runner, rb, rp = _open(rm, rw, rb, rp, threads=threads, width=width, height=height,
-                                       calib=calib, workdir=workdir, log=log)
+                                       calib=calib, workdir=workdir, log=log, lanes=n_lanes)
             runners.append(ref_runner)
         active = []
         try:
@@ -309,7 +333,7 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
                 rows = []
                 for d, sz, iid in zip(dets, sizes, ids):
                     rows += cocolib.detector_valid_entries(d, sz, iid, cat_ids)
-            coco_out = cocolib.coco_metrics(gt, cocolib.rows_as_results(rows))
+            coco_out = cocolib.coco_metrics(gt, cocolib.rows_as_results(rows), copy=use_annotations)
             coco_out["detections_from"] = ({"thresh": metrics.MAP_THRESH, "nms": metrics.MAP_NMS} if agreement
                                            else {"thresh": cocolib.VALID_THRESH, "nms": cocolib.VALID_NMS})
             names_of = {c["id"]: c["name"] for c in gt["categories"]}
@@ -332,7 +356,7 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
     settings = {"iou_thresh": float(iou_thresh), "points": int(points), "thresh": float(thresh),
                 "map_detections": {"thresh": metrics.MAP_THRESH, "nms": metrics.MAP_NMS, "nms_kind": spec.nms_kind},
                 "coco_detections": ({"thresh": cocolib.VALID_THRESH, "nms": cocolib.VALID_NMS} if want_coco else None),
-                "letterbox": bool(runs_letterbox), "batch": int(batch), "threads": threads,
+                "letterbox": bool(runs_letterbox), "batch": int(batch), "threads": threads, "lanes": n_lanes,
                 "calib": [str(c) for c in calib] if isinstance(calib, (list, tuple)) else calib}
     if ds.kind == "darknet" and ds.missing_labels:
         notes.append(f"{ds.missing_labels} of {n} image(s) have no label file: counted as images without objects")

@@ -80,7 +80,7 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
                 width: int | None = None, height: int | None = None, precision: str = "fp32",
                 calib=None, workdir: str | None = None, log=None, url=None,
                 random_weights: bool = False, engine_batch: int | None = None, report: dict | None = None,
-                device: str | None = None, cuda_graphs: bool = False):
+                device: str | None = None, cuda_graphs: bool = False, lanes: int = 1):
     """A (not yet activated) runner for ``model`` on ``backend``: the one way darkconv opens a model.
 
     ``backend="triton"`` (implied by ``url``): ``model`` names the served model (a cfg/onnx stands
@@ -100,6 +100,8 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
       ``workdir``) for batches 1..N; without it a cfg on tensorrt is refused with the convert command.
     * ``device`` (torch backend only): cpu, cuda or cuda:N [default: cuda when PyTorch sees a GPU];
       ``cuda_graphs``: torch on CUDA replays one recorded CUDA graph per input shape.
+    * ``lanes`` (onnxruntime only): inference calls that may run at once, each on ``threads // lanes``
+      threads (:func:`default_lanes` for a stream of files; 1 = lowest latency).
     * ``report``: a dict that gets what opening took and means: ``model_load_s``, ``export_s``,
       ``engine_build_s`` (seconds, for the steps that ran), ``precision`` (what runs), ``int8``
       (recipe, calibration method and image count) and ``notes`` (lines worth telling the user).
@@ -109,6 +111,11 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
     backend = canonical(backend or ("triton" if url else default_backend(model)))
     if (device is not None or cuda_graphs) and backend != "torch":
         raise DarkconvError(f"--device and CUDA graphs apply to the torch backend, not {backend}")
+    lanes = int(lanes or 1)
+    if lanes < 1:
+        raise DarkconvError(f"--lanes must be >= 1, not {lanes}")
+    if lanes > 1 and backend != "onnxruntime":
+        raise DarkconvError(f"--lanes applies to the onnxruntime backend, not {backend} (drop --lanes)")
     if backend == "triton":
         from .runners.triton import served_name
 
@@ -123,7 +130,7 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
         raise DarkconvError(f"--url is for --backend triton, not {backend}")
     kind = model_kind(model)
     if kind != "cfg":
-        return _open_artifact(model, kind, backend, threads, width, height, rep)
+        return _open_artifact(model, kind, backend, threads, width, height, rep, lanes)
     precision = precision or "fp32"
     rep["precision"] = precision
     if backend == "opencv":
@@ -173,10 +180,21 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
             rep["notes"].append("torch on CPU runs FP32 (no fast FP16 kernels on CPU): --precision fp16 ignored")
         return runner_class("torch")(model, weights, threads=threads, precision=precision, model=m, device=device,
                                      cuda_graphs=cuda_graphs)
-    return _open_exported(m, model, weights, backend, precision, threads, calib, workdir, log, engine_batch, rep)
+    return _open_exported(m, model, weights, backend, precision, threads, calib, workdir, log, engine_batch, rep, lanes)
 
 
-def _open_exported(m, cfg, weights, backend, precision, threads, calib, workdir, log, engine_batch, rep):
+def default_lanes(backend: str, *, live: bool = False, threads: int | None = None) -> int:
+    """Inference lanes for a job: on onnxruntime, one per CPU thread up to 4 for a stream of files or video
+    frames (throughput: two single-threaded calls lose less to decoding on the same cores than one call on
+    two threads, see benchmarks/bench_e2e.py), 1 for live sources (latency) and every other backend."""
+    import os
+
+    if live or canonical(backend) != "onnxruntime":
+        return 1
+    return max(1, min(4, int(threads or os.cpu_count() or 1)))
+
+
+def _open_exported(m, cfg, weights, backend, precision, threads, calib, workdir, log, engine_batch, rep, lanes=1):
     """The ONNX export of the loaded cfg ``m`` on onnxruntime, or its engine on tensorrt (temporary files)."""
     from .export.onnx import export_onnx
 
@@ -205,7 +223,7 @@ def _open_exported(m, cfg, weights, backend, precision, threads, calib, workdir,
         if backend == "onnxruntime":
             if precision == "fp16":
                 rep["notes"].append("FP16 on ONNX Runtime's CPU provider: few FP16 kernels, usually slower than FP32")
-            runner = runner_class("onnxruntime")(out, threads=threads)
+            runner = runner_class("onnxruntime")(out, threads=threads, lanes=lanes)
         else:
             from .export.tensorrt import build_engine
             from .io import sha256_file
@@ -225,7 +243,7 @@ def _open_exported(m, cfg, weights, backend, precision, threads, calib, workdir,
     return runner
 
 
-def _open_artifact(model, kind, backend, threads, width, height, rep):
+def _open_artifact(model, kind, backend, threads, width, height, rep, lanes=1):
     """An .onnx on onnxruntime or an engine on tensorrt, as it is."""
     if kind == "onnx" and backend != "onnxruntime":
         raise DarkconvError(f"an .onnx runs on onnxruntime, not {backend} (for TensorRT, build an engine "
@@ -233,7 +251,8 @@ def _open_artifact(model, kind, backend, threads, width, height, rep):
     if kind == "engine" and backend != "tensorrt":
         raise DarkconvError(f"a TensorRT engine runs on the tensorrt backend, not {backend}")
     t0 = time.perf_counter()
-    runner = runner_class(backend)(model, threads=threads) if kind == "onnx" else runner_class("tensorrt")(model)
+    runner = (runner_class(backend)(model, threads=threads, lanes=lanes) if kind == "onnx"
+              else runner_class("tensorrt")(model))
     rep["model_load_s"] = time.perf_counter() - t0
     rep["precision"] = artifact_precision(model)
     spec = getattr(runner, "spec", None)  # an engine's spec may come only with activate()
@@ -296,6 +315,18 @@ def batch_limits(runner) -> tuple[int, int | None]:
     return 1, None
 
 
+class _Done:
+    """An already finished inference job (one lane: inference runs in the inference thread itself)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
 class _Failure:
     """A stage's exception travelling down the queues in order (re-raised to the consumer)."""
 
@@ -339,8 +370,9 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
     stopped this frame (its preprocessing failed, or an :class:`InferenceError` in its batch).
 
     Threads: a feeder pulls frames (so a decoding iterator runs ahead) and hands them to ``workers``
-    preprocessing threads, writing straight into the batch array; one thread runs inference; one
-    postprocesses. Queues hold at most ``queue_size`` frames per stage, so an endless source and a slow
+    preprocessing threads, writing straight into the batch array; inference runs up to ``lanes`` batches at
+    once, ``lanes`` being the smallest ``runner.concurrency`` (1: one batch at a time, in one thread); one
+    thread postprocesses, in input order. Queues hold at most ``queue_size`` frames per stage, so an endless source and a slow
     consumer cost bounded memory. Closing the generator (or an exception, or Ctrl-C) stops and joins every
     thread before it returns.
     """
@@ -373,7 +405,8 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
     n_workers = max(1, int(workers if workers is not None else default_workers()))
     per_stage = max(1, int(queue_size) // batch)
     q_pre: queue.Queue = queue.Queue(per_stage)    # batches being preprocessed / ready, in order
-    q_post: queue.Queue = queue.Queue(per_stage)   # inferred batches waiting for postprocessing
+    lanes = min(max(1, int(getattr(r, "concurrency", 1) or 1)) for r in runners)  # batches in inference at once
+    q_post: queue.Queue = queue.Queue(max(per_stage, lanes + 1))  # batches in inference / waiting for postprocessing
     q_out: queue.Queue = queue.Queue(per_stage)    # finished batches waiting for the consumer
     spare: queue.SimpleQueue = queue.SimpleQueue()  # batch arrays back from inference, reused (no fresh pages)
     stop = threading.Event()
@@ -399,6 +432,7 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
         return (int(im.shape[1]), int(im.shape[0]))
 
     pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="darkconv-stream-pre")
+    lane_pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="darkconv-stream-infer") if lanes > 1 else None
 
     def feeder():
         it = iter(frames)
@@ -430,35 +464,39 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
                 _put(q_pre, (x, chunk), stop)
             _put(q_pre, _Failure(e), stop)
 
+    def infer_batch(item):
+        x, chunk = item
+        prepped = [f.result() for _, f in chunk]
+        good = [k for k, p in enumerate(prepped) if not isinstance(p, BaseException)]
+        heads_all, failed = [], None
+        if good:
+            xb = x[:len(chunk)] if len(good) == len(chunk) else x[good]
+            n = len(good)
+            t0 = time.perf_counter()
+            try:
+                for r, pad in zip(runners, pads):
+                    xr = xb
+                    if n < pad:  # a fixed-batch model: pad with copies of the last image, drop later
+                        xr = np.concatenate([xb, np.repeat(xb[-1:], pad - n, axis=0)])
+                    heads_all.append([h[:n] for h in r.infer(xr)])
+            except InferenceError as e:
+                failed = e
+            add("inference", time.perf_counter() - t0, n)
+        spare.put(x)
+        return chunk, prepped, good, heads_all, failed
+
     def inferer():
         while True:
             item = _get(q_pre, stop)
             if item is _DONE or isinstance(item, _Failure):
                 _put(q_post, item, stop)
                 return
-            x, chunk = item
-            try:
-                prepped = [f.result() for _, f in chunk]
-                good = [k for k, p in enumerate(prepped) if not isinstance(p, BaseException)]
-                heads_all, failed = [], None
-                if good:
-                    xb = x[:len(chunk)] if len(good) == len(chunk) else x[good]
-                    n = len(good)
-                    t0 = time.perf_counter()
-                    try:
-                        for r, pad in zip(runners, pads):
-                            xr = xb
-                            if n < pad:  # a fixed-batch model: pad with copies of the last image, drop later
-                                xr = np.concatenate([xb, np.repeat(xb[-1:], pad - n, axis=0)])
-                            heads_all.append([h[:n] for h in r.infer(xr)])
-                    except InferenceError as e:
-                        failed = e
-                    add("inference", time.perf_counter() - t0, n)
-                spare.put(x)
+            try:  # up to `lanes` batches in inference at once; q_post keeps them in input order
+                job = lane_pool.submit(infer_batch, item) if lane_pool is not None else _Done(infer_batch(item))
             except BaseException as e:  # noqa: BLE001
                 _put(q_post, _Failure(e), stop)
                 return
-            if not _put(q_post, (chunk, prepped, good, heads_all, failed), stop):
+            if not _put(q_post, job, stop):
                 return
 
     def poster():
@@ -467,8 +505,8 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
             if item is _DONE or isinstance(item, _Failure):
                 _put(q_out, item, stop)
                 return
-            chunk, prepped, good, heads_all, failed = item
             try:
+                chunk, prepped, good, heads_all, failed = item.result()
                 t0 = time.perf_counter()
                 results = list(prepped)
                 if good and failed is None:
@@ -491,10 +529,10 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
 
     threads = [threading.Thread(target=fn, name=f"darkconv-stream-{fn.__name__}", daemon=True)
                for fn in (feeder, inferer, poster)]
-    return _consume(threads, q_out, stop, pool, on_batch, frames)
+    return _consume(threads, q_out, stop, [pool, lane_pool], on_batch, frames)
 
 
-def _consume(threads, q_out, stop, pool, on_batch, frames=None):
+def _consume(threads, q_out, stop, pools, on_batch, frames=None):
     for th in threads:
         th.start()
     try:
@@ -514,7 +552,9 @@ def _consume(threads, q_out, stop, pool, on_batch, frames=None):
             source_stop()
         for th in threads:
             th.join()
-        pool.shutdown(wait=True, cancel_futures=True)
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_workers() -> int:

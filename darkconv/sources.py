@@ -154,10 +154,12 @@ class Source:
     ``kind``: 'images' | 'video' | 'stream' | 'camera'; ``fps``: frames per second of a video/stream
     (None for images or when the container does not say); ``size``: (width, height) of a video/stream
     (None for images); ``total``: how many frames iterating will give at most (None when unknown: a stream,
-    a camera); ``name``: the input as given; ``decode_seconds``: time spent decoding so far.
+    a camera); ``name``: the input as given; ``decode_seconds``: time spent decoding so far; ``live``: frames
+    arrive in real time (a stream or camera: frames that come while the detector is busy are skipped).
     """
 
     kind = "images"
+    live = False
 
     def __init__(self, name: str, every: int, max_frames: int | None):
         if int(every) < 1:

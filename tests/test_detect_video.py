@@ -295,3 +295,21 @@ def test_readme_python_api_runs_as_written(tmp_path, default_model, monkeypatch,
     out = capsys.readouterr().out
     assert "dog.jpg ['car', 'truck', 'bicycle', 'dog', 'car', 'truck']" in out
     assert (tmp_path / "random.weights").stat().st_size > 30e6
+
+
+def test_lanes_for_files_one_lane_for_live_sources(tmp_path, default_onnx, default_model):
+    """detect runs batches in lanes on files (throughput) and one at a time on a live source (latency);
+    --lanes chooses, and is refused where the backend takes one call at a time."""
+    from darkconv.detect import Detect
+
+    src = dog_video(tmp_path / "in.avi", n=4, fps=10)
+    for live, lanes, want in [(None, None, "2 lanes)"), (True, None, "(CPUExecutionProvider)"),
+                              (None, 1, "(CPUExecutionProvider)"), (True, 3, "3 lanes)")]:
+        job = Detect(default_onnx, None, [str(src)], live=live)
+        report, where = job.run(threads=2, lanes=lanes, log=lambda *a: None, progress=False, quiet=True)
+        assert report.frames == 4 and where.endswith(want), (live, lanes, where)
+    r = CliRunner().invoke(main, ["detect", str(default_model.cfg), str(default_model.weights), str(DOG),
+                                  "--lanes", "2"])
+    assert r.exit_code != 0 and "--lanes applies to the onnxruntime backend, not torch" in r.output
+    r = CliRunner().invoke(main, ["detect", str(default_onnx), str(DOG), "--lanes", "0"])
+    assert r.exit_code == 2 and "--lanes" in r.output

@@ -130,6 +130,28 @@ def test_agreement_of_an_onnx_with_its_cfg(default_model, default_onnx):
 
 
 @pytest.mark.slow
+def test_lanes_give_the_same_figures(default_model, default_onnx):
+    """Several batches in inference at once (lanes) change the speed, never a detection or a figure."""
+    from darkconv.pipeline import default_lanes
+
+    one = darkconv.evaluate(default_onnx, None, SAMPLES, lanes=1, coco=False)
+    three = darkconv.evaluate(default_onnx, None, SAMPLES, lanes=3, batch=2, coco=False)
+    assert one.settings["lanes"] == 1 and three.settings["lanes"] == 3 and "3 lanes" in three.model["runs_on"]
+    for a, b in zip(one.detections, three.detections):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.scores, b.scores)
+    assert one.map.as_dict() == three.map.as_dict()
+    auto = darkconv.evaluate(default_onnx, None, SAMPLES, threads=2, coco=False, limit=1)
+    assert auto.settings["lanes"] == default_lanes("onnxruntime", threads=2) == 2
+    mixed = darkconv.evaluate(default_onnx, None, SAMPLES, ref="torch", ref_model=default_model.cfg,
+                              ref_weights=default_model.weights, coco=False, limit=1)
+    assert mixed.settings["lanes"] == 1                                     # torch takes one call at a time
+    with pytest.raises(darkconv.errors.DarkconvError, match="torch take.s. one inference call at a time"):
+        darkconv.evaluate(default_onnx, None, SAMPLES, ref="torch", ref_model=default_model.cfg,
+                          ref_weights=default_model.weights, lanes=2)
+
+
+@pytest.mark.slow
 def test_cli_demo_writes_json_plot_and_coco_json(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     j, png, cj = tmp_path / "eval.json", tmp_path / "eval.png", tmp_path / "coco.json"

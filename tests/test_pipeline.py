@@ -204,3 +204,88 @@ def test_close_mid_stream_and_ctrl_c_join_every_thread(runner, images):
     finally:
         signal.signal(signal.SIGINT, old)
     assert not stream_threads()
+
+
+class Recording:
+    """A real runner that takes ``concurrency`` calls at once, each held a random time: records how many
+    calls ran at the same moment (the pipeline must use the lanes and still give results in input order)."""
+
+    def __init__(self, runner, fail=()):
+        self.runner, self.spec, self.concurrency = runner, runner.spec, runner.concurrency
+        self.active = self.most = self.calls = 0
+        self.fail = set(fail)
+        self.lock = threading.Lock()
+
+    def describe(self):
+        return "recording"
+
+    def infer(self, batch):
+        with self.lock:
+            self.calls += 1
+            call = self.calls
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            time.sleep(random.uniform(0.005, 0.04))  # a later batch often finishes first
+            if call in self.fail:
+                raise InferenceError("the server went away")
+            return self.runner.infer(batch)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_lanes_infer_batches_at_once_results_in_input_order(default_onnx, images, reference, lanes):
+    random.seed(lanes)
+    with open_runner(default_onnx, threads=lanes, lanes=lanes) as r:
+        assert r.concurrency == lanes and r.describe().endswith(f"{lanes} lanes)" if lanes > 1 else "Provider)")
+        rec = Recording(r)
+        frames = [SlowFrame(i, f"f{i}", im) for i, im in enumerate(images)] * 3
+        out = list(stream_detect(rec, iter(frames), batch=2, workers=2))
+        assert [f.index for f, _ in out] == [f.index for f in frames]
+        for f, det in out:
+            same(det, reference[f.index])        # a single-threaded call gives the same numbers
+        assert rec.most == lanes
+        failing = Recording(r, fail={2})         # batch 2 (frames 2, 3) fails alone, the others go on
+        out = list(stream_detect(failing, [Frame(i, str(i), im) for i, im in enumerate(images)], batch=2))
+        assert [f.index for f, _ in out] == list(range(len(images)))
+        for f, det in out:
+            if f.index in (2, 3):
+                assert isinstance(det, InferenceError)
+            else:
+                same(det, reference[f.index])
+    assert not stream_threads()
+
+
+def test_lanes_bounded_and_closed_mid_stream(default_onnx, images):
+    with open_runner(default_onnx, threads=2, lanes=2) as r:
+        pulled = []
+
+        def endless():
+            i = 0
+            while True:
+                pulled.append(i)
+                yield Frame(i, str(i), images[i % 3][:64, :80])
+                i += 1
+
+        gen = stream_detect(r, endless(), batch=2, queue_size=4, workers=2)
+        for seen, (frame, det) in enumerate(gen, 1):
+            assert not isinstance(det, BaseException)
+            time.sleep(0.05)
+            if seen == 12:
+                break
+        assert len(pulled) - seen <= 3 * 4 + 4 * 2 + 2 * 2, len(pulled) - seen   # + a batch per extra lane
+        gen.close()
+        assert not stream_threads()
+
+
+def test_lanes_option_checked(default_onnx, default_model):
+    with pytest.raises(DarkconvError, match="--lanes applies to the onnxruntime backend, not torch"):
+        open_runner(default_model.cfg, default_model.weights, "torch", lanes=2)
+    with pytest.raises(DarkconvError, match="--lanes must be >= 1"):
+        open_runner(default_onnx, lanes=-1)
+    from darkconv.pipeline import default_lanes
+
+    assert default_lanes("torch") == 1 and default_lanes("ort", live=True) == 1
+    assert default_lanes("onnxruntime", threads=2) == 2 and default_lanes("onnxruntime", threads=16) == 4

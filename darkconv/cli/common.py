@@ -161,6 +161,14 @@ def parse_batch(value: str):
     raise click.BadParameter(f"{value!r}: expected dynamic, N or MIN:OPT:MAX with 0 < MIN <= OPT <= MAX")
 
 
+def lanes_option(fn):
+    """``--lanes N``: onnxruntime inference calls at once (see :func:`darkconv.pipeline.default_lanes`)."""
+    return click.option("--lanes", type=click.IntRange(1), default=None, metavar="N",
+                        help="onnxruntime: run N batches at once, each on threads/N CPU threads: more images per "
+                             "second on files, more latency per image [default: one per core up to 4 for images "
+                             "and video files; 1 for streams, cameras and other backends]")(fn)
+
+
 def url_option(fn):
     """``--url HOST:PORT[,HOST:PORT...]``: run on Triton server(s) (implies ``--backend triton``)."""
     return click.option("--url", default=None, metavar="HOST:PORT[,...]",

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from ..errors import DarkconvError
-from .common import (EXIT_SIGINT, EXIT_SIGTERM, _die, check_device, device_option, handle_errors, main, parse_size,
-                     split_model_args, strict_option, url_option)
+from .common import (EXIT_SIGINT, EXIT_SIGTERM, _die, check_device, device_option, handle_errors, lanes_option, main,
+                     parse_size, split_model_args, strict_option, url_option)
 
 MAX_PRINT_HELP = "name at most N boxes per image/frame on stdout, then '... and K more' (--json has them all)"
 
@@ -45,12 +45,13 @@ MAX_PRINT_HELP = "name at most N boxes per image/frame on stdout, then '... and 
 @click.option("--size", help="network input WxH, multiples of 32, e.g. 416x416 or 608 (cfg models)")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores]")
+@lanes_option
 @url_option
 @device_option
 @strict_option
 @handle_errors
 def detect(args, backend, thresh, nms, letterbox, names, out, json_path, every, max_frames, all_frames, agnostic,
-           max_det, print_max, quiet, random_weights, size, batch, threads, url, device):
+           max_det, print_max, quiet, random_weights, size, batch, threads, lanes, url, device):
     """Detect objects on images, a video, a stream or a camera.
 
     \b
@@ -76,7 +77,7 @@ def detect(args, backend, thresh, nms, letterbox, names, out, json_path, every, 
                  max_frames=max_frames, live=False if all_frames else None, random_weights=random_weights,
                  width=width, height=height, served=served)
     try:
-        report, where = job.run(threads=threads, url=url, device=device, names=names, thresh=thresh, nms=nms, letterbox=letterbox,
+        report, where = job.run(threads=threads, lanes=lanes, url=url, device=device, names=names, thresh=thresh, nms=nms, letterbox=letterbox,
                                 agnostic=agnostic, max_det=max_det, batch=batch, print_max=print_max, quiet=quiet,
                                 log=click.echo)
     except Interrupted as e:

@@ -6,8 +6,8 @@ from pathlib import Path
 import click
 
 from ..errors import DarkconvError
-from .common import (PRECISIONS, handle_errors, main, parse_size, progress, split_model_args, strict_option,
-                     url_option)
+from .common import (PRECISIONS, handle_errors, lanes_option, main, parse_size, progress, split_model_args,
+                     strict_option, url_option)
 
 
 def _out_path(value, what, suffix=None):
@@ -59,13 +59,14 @@ def _out_path(value, what, suffix=None):
 @click.option("--no-coco", is_flag=True, help="skip the COCO metrics")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores]")
+@lanes_option
 @click.option("--size", help="network input WxH (cfg models)")
 @click.option("--limit", type=click.IntRange(1), default=None, help="evaluate only the first N images")
 @url_option
 @strict_option
 @handle_errors
 def eval_(args, demo, backend, precision, calib, ref, ref_model, ref_weights, ref_thresh, images_dir, iou_thresh, points, thresh, letterbox,
-          names, json_path, plot_path, coco_json, no_coco, batch, threads, size, limit, url):
+          names, json_path, plot_path, coco_json, no_coco, batch, threads, lanes, size, limit, url):
     """Darknet-exact mAP, COCO AP and agreement:  eval MODEL [WEIGHTS] DATA
 
     \b
@@ -108,7 +109,7 @@ def eval_(args, demo, backend, precision, calib, ref, ref_model, ref_weights, re
                       points=int(points), thresh=thresh, letterbox=letterbox, names=names, batch=batch,
                       threads=threads, size=(width, height) if width else None, ref_model=ref_model,
                       ref_weights=ref_weights, url=url, coco=not no_coco,
-                      coco_json=coco_json, limit=limit, progress=progress(desc="eval", unit="img"), log=click.echo)
+                      coco_json=coco_json, limit=limit, lanes=lanes, progress=progress(desc="eval", unit="img"), log=click.echo)
     click.echo("")
     click.echo(result.map.darknet_report())
     if result.coco:

@@ -42,6 +42,9 @@ class Runner(abc.ABC):
 
     name: str = "runner"
     spec: ModelSpec
+    #: how many ``infer`` calls may run at once, from different threads (the stream pipeline keeps that many
+    #: batches in inference); 1 = one call at a time
+    concurrency: int = 1
 
     def __enter__(self) -> "Runner":
         self.activate()
