@@ -307,7 +307,8 @@ def test_lanes_for_files_one_lane_for_live_sources(tmp_path, default_onnx, defau
                               (None, 1, "(CPUExecutionProvider)"), (True, 3, "3 lanes)")]:
         job = Detect(default_onnx, None, [str(src)], live=live)
         report, where = job.run(threads=2, lanes=lanes, log=lambda *a: None, progress=False, quiet=True)
-        assert report.frames == 4 and where.endswith(want), (live, lanes, where)
+        assert where.endswith(want), (live, lanes, where)
+        assert report.frames == 4 if not live else 1 <= report.frames <= 4  # live: busy-time frames are skipped
     r = CliRunner().invoke(main, ["detect", str(default_model.cfg), str(default_model.weights), str(DOG),
                                   "--lanes", "2"])
     assert r.exit_code != 0 and "--lanes applies to the onnxruntime backend, not torch" in r.output
