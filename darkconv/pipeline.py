@@ -19,7 +19,7 @@ import numpy as np
 
 from .darknet.spec import ModelSpec
 from .errors import DarkconvError
-from .postprocess import Detections, postprocess
+from .postprocess import Detections, postprocess, postprocess_settings
 from .preprocess import preprocess_batch, preprocess_into
 from .runners import canonical, runner_class
 
@@ -511,11 +511,11 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
                 results = list(prepped)
                 if good and failed is None:
                     sizes = [prepped[k] for k in good]
-                    per_run = [[postprocess(heads, r.spec, sizes, thresh=thr, nms=nm, letterbox=lb, agnostic=agnostic,
-                                            max_det=max_det) for thr, nm in p]
-                               for r, heads, p in zip(runners, heads_all, posts)]
+                    # per runner, per image: one Detections per setting (the heads decoded once)
+                    per_run = [postprocess_settings(heads, r.spec, sizes, p, letterbox=lb, agnostic=agnostic,
+                                                    max_det=max_det) for r, heads, p in zip(runners, heads_all, posts)]
                     for j, k in enumerate(good):
-                        results[k] = [[dets[j] for dets in run] for run in per_run]
+                        results[k] = [run[j] for run in per_run]
                 elif failed is not None:
                     for k in good:
                         results[k] = failed

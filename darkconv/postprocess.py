@@ -46,7 +46,8 @@ import numpy as np
 from .darknet.spec import NMS_KINDS, HeadSpec, ModelSpec
 from .geometry import letterbox_geometry
 
-__all__ = ["Detections", "postprocess", "decode", "nms_keep", "box_iou", "box_diou", "darknet_rank"]
+__all__ = ["Detections", "postprocess", "postprocess_settings", "decode", "decode_thresholds", "nms_keep", "box_iou",
+           "box_diou", "darknet_rank"]
 
 _F32 = np.float32
 _F64 = np.float64
@@ -249,20 +250,48 @@ def decode(heads: Sequence[np.ndarray], spec: ModelSpec, image_sizes, thresh: fl
     in Darknet's order; boxes corrected to relative image coordinates, ``probs`` zero
     where ``<= thresh``.
     """
+    return [per_thresh[0] for per_thresh in decode_thresholds(heads, spec, image_sizes, [thresh], letterbox)]
+
+
+def _restrict(part, head: HeadSpec, thr: np.float32):
+    """One head's candidates decoded at a lower threshold -> exactly those ``_decode_head`` gives at ``thr``.
+
+    Darknet's filters are per candidate and keep the order: a cell/anchor stays iff objectness > thr ([region]
+    without softmax: iff some obj*class > thr), and a class probability stays iff it is > thr. Every value kept
+    is the same float32 number, computed once."""
+    boxes, obj, prob = part
+    if head.kind == "region" and not head.softmax:
+        keep = (prob > thr).any(axis=1)
+    else:
+        keep = obj > thr
+    if not keep.any():
+        return None
+    prob = prob[keep]
+    return boxes[keep], obj[keep], np.where(prob > thr, prob, _F32(0))
+
+
+def decode_thresholds(heads: Sequence[np.ndarray], spec: ModelSpec, image_sizes, thresholds: Sequence[float],
+                      letterbox: bool | None = None) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """:func:`decode` at several thresholds, decoding the heads once (at the lowest): ``out[image][k]`` is
+    ``decode(..., thresholds[k])[image]``, the same arrays (``eval`` needs 0.005 and 0.001 for every image)."""
     arrs, sizes, classes = _check_inputs(heads, spec, image_sizes)
     letter = spec.letter_box if letterbox is None else bool(letterbox)
-    thr = _F32(thresh)
+    thrs = [_F32(t) for t in thresholds]
+    low = min(thrs)
+    empty = (np.zeros((0, 4), _F32), np.zeros(0, _F32), np.zeros((0, classes), _F32))
     out = []
     for b, (w, h) in enumerate(sizes):
-        parts = [p for p in (_decode_head(a[b], hs, spec.width, spec.height, thr)
-                             for a, hs in zip(arrs, spec.heads)) if p is not None]
-        if parts:
-            boxes = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-            obj = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-            probs = np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
-        else:
-            boxes, obj, probs = np.zeros((0, 4), _F32), np.zeros(0, _F32), np.zeros((0, classes), _F32)
-        out.append((_correct_boxes(boxes, w, h, spec.width, spec.height, letter), obj, probs))
+        decoded = [(_decode_head(a[b], hs, spec.width, spec.height, low), hs) for a, hs in zip(arrs, spec.heads)]
+        per_thresh = []
+        for thr in thrs:
+            parts = [p if thr == low else _restrict(p, hs, thr) for p, hs in decoded if p is not None]
+            parts = [p for p in parts if p is not None]
+            if len(parts) > 1:
+                boxes, obj, probs = (np.concatenate([p[i] for p in parts]) for i in range(3))
+            else:
+                boxes, obj, probs = parts[0] if parts else empty
+            per_thresh.append((_correct_boxes(boxes, w, h, spec.width, spec.height, letter), obj, probs))
+        out.append(per_thresh)
     return out
 
 
@@ -665,27 +694,39 @@ def postprocess(heads: Sequence[np.ndarray], spec: ModelSpec, image_sizes: Seque
     ``nms <= 0`` disables NMS. ``agnostic``, ``max_det`` (top scores kept) and ``clip``
     (to [0, 1]) are darkconv options, off by default (Darknet has none of them).
     """
+    return [per[0] for per in postprocess_settings(heads, spec, image_sizes, [(thresh, nms)], letterbox=letterbox,
+                                                   agnostic=agnostic, max_det=max_det, clip=clip, nms_kind=nms_kind)]
+
+
+def postprocess_settings(heads: Sequence[np.ndarray], spec: ModelSpec, image_sizes: Sequence[tuple[int, int]],
+                         settings: Sequence[tuple[float, float]], letterbox: bool | None = None,
+                         agnostic: bool = False, max_det: int | None = None, clip: bool = False,
+                         nms_kind: str | None = None) -> list[list[Detections]]:
+    """:func:`postprocess` under several ``(thresh, nms)`` settings: ``out[image][k]`` is what setting ``k``
+    gives, the heads decoded once (:func:`decode_thresholds`), NMS run per setting."""
     kind = spec.nms_kind if nms_kind is None else nms_kind
     _nms_exponent(kind, spec.beta_nms)                    # validate early
     if max_det is not None and int(max_det) < 0:
         raise ValueError(f"max_det must be >= 0, got {max_det}")
-    results = []
-    for boxes, obj, probs in decode(heads, spec, image_sizes, thresh, letterbox):
-        bi, ci = nms_keep(boxes, probs, nms, kind, spec.beta_nms, agnostic)
-        scores = probs[bi, ci]
-        if max_det is not None and bi.size > int(max_det):
-            top = np.lexsort((np.arange(bi.size), -scores))[:int(max_det)]
-            top.sort()
-            bi, ci, scores = bi[top], ci[top], scores[top]
-        # without NMS Darknet sorts nothing: candidate order (= rank None)
-        rank = darknet_rank(bi, ci, probs) if nms > 0 else None
-        out_boxes = boxes[bi]
-        if clip and out_boxes.size:
-            l, r, t, b = (np.clip(v, _F32(0), _ONE) for v in _corners(out_boxes))
-            out_boxes = np.stack([(l + r) / _F32(2), (t + b) / _F32(2), r - l, b - t], axis=1)
-        results.append(Detections(boxes=np.ascontiguousarray(out_boxes, _F32),
-                                  scores=scores.astype(_F32, copy=False),
-                                  class_ids=ci.astype(np.int64, copy=False),
-                                  objectness=obj[bi].astype(_F32, copy=False),
-                                  box_ids=bi.astype(np.int64, copy=False), rank=rank))
-    return results
+    settings = [(float(t), float(n)) for t, n in settings]
+    decoded = decode_thresholds(heads, spec, image_sizes, [t for t, _ in settings], letterbox)
+    return [[_nms_detections(boxes, obj, probs, nms, kind, spec.beta_nms, agnostic, max_det, clip)
+             for (boxes, obj, probs), (_, nms) in zip(per_thresh, settings)] for per_thresh in decoded]
+
+
+def _nms_detections(boxes, obj, probs, nms, kind, beta_nms, agnostic, max_det, clip) -> Detections:
+    bi, ci = nms_keep(boxes, probs, nms, kind, beta_nms, agnostic)
+    scores = probs[bi, ci]
+    if max_det is not None and bi.size > int(max_det):
+        top = np.lexsort((np.arange(bi.size), -scores))[:int(max_det)]
+        top.sort()
+        bi, ci, scores = bi[top], ci[top], scores[top]
+    # without NMS Darknet sorts nothing: candidate order (= rank None)
+    rank = darknet_rank(bi, ci, probs) if nms > 0 else None
+    out_boxes = boxes[bi]
+    if clip and out_boxes.size:
+        l, r, t, b = (np.clip(v, _F32(0), _ONE) for v in _corners(out_boxes))
+        out_boxes = np.stack([(l + r) / _F32(2), (t + b) / _F32(2), r - l, b - t], axis=1)
+    return Detections(boxes=np.ascontiguousarray(out_boxes, _F32), scores=scores.astype(_F32, copy=False),
+                      class_ids=ci.astype(np.int64, copy=False), objectness=obj[bi].astype(_F32, copy=False),
+                      box_ids=bi.astype(np.int64, copy=False), rank=rank)

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from darkconv.darknet.spec import HeadSpec, ModelSpec
-from darkconv.postprocess import Detections, box_diou, box_iou, decode, postprocess
+from darkconv.postprocess import (Detections, box_diou, box_iou, decode, decode_thresholds, postprocess,
+                                  postprocess_settings)
 
 F = np.float32
 D = np.float64
@@ -387,6 +388,35 @@ def test_region_random_vs_reference(softmax, classfix):
         # raw (unbounded) class values: Darknet's region keeps pairs whose objectness
         # alone is under the threshold; make sure some exist and are found
         assert np.any((got.objectness <= 0.2) & (got.scores > 0.2))
+
+
+@pytest.mark.parametrize("which", ["yolo", "yolo-new-coords", "region", "region-raw", "region-classfix"])
+def test_settings_decode_once_and_equal_each_setting_alone(which):
+    """eval's two passes (0.005/0.45 and 0.001/0.6) decode the heads once: every setting gives exactly what
+    postprocess gives alone (and the loop transcription), whatever the order of the settings."""
+    rng = np.random.default_rng(len(which))
+    spec = {"yolo": lambda: yolo_spec(scale=1.05), "yolo-new-coords": lambda: yolo_spec(new_coords=1, scale=2.0),
+            "region": lambda: region_spec(), "region-raw": lambda: region_spec(softmax=False),
+            "region-classfix": lambda: region_spec(softmax=False, classfix=-1)}[which]()
+    raws = random_heads(spec, rng, n=2, obj_bias=0.5, new_coords=which == "yolo-new-coords")
+    sizes = [(500, 375), (333, 640)]
+    settings = [(0.25, 0.45), (0.005, 0.45), (0.001, 0.6), (0.6, 0.3), (0.005, 0.45)]
+    fields = ("boxes", "scores", "class_ids", "objectness", "box_ids", "rank")
+    for letter in (False, True):
+        got = postprocess_settings(raws, spec, sizes, settings, letterbox=letter)
+        for k, (t, n) in enumerate(settings):
+            alone = postprocess(raws, spec, sizes, thresh=t, nms=n, letterbox=letter)
+            for b, size in enumerate(sizes):
+                for f in fields:
+                    np.testing.assert_array_equal(getattr(got[b][k], f), getattr(alone[b], f), err_msg=f)
+                assert_same(as_tuples(got[b][k]), ref_detect([r[b] for r in raws], spec, *size, thresh=t, nms=n,
+                                                             letter=letter))
+        per = decode_thresholds(raws, spec, sizes, [0.3, 0.001, 0.02], letterbox=letter)
+        for k, t in enumerate((0.3, 0.001, 0.02)):
+            for b, one in enumerate(decode(raws, spec, sizes, t, letterbox=letter)):
+                for x, y in zip(per[b][k], one):
+                    np.testing.assert_array_equal(x, y)
+    assert sum(len(d) for d in got[0]) > 50                    # enough pairs that the filters matter
 
 
 def test_many_candidates_sparse_path_vs_reference():
