@@ -9,11 +9,11 @@ for line in Path("darkconv/__init__.py").read_text().splitlines():
         exec(line, version)
 
 # Darknet's preprocessing in C (darkconv/_cresize.c). It must be compiled without floating-point
-# contraction: a fused multiply-add would change the last bit of Darknet's float32 resize. Optional: where
+# contraction or fast math (after any CFLAGS): a fused multiply-add would change the last bit of Darknet's resize. Optional: where
 # it cannot be built, darkconv runs the same numbers in NumPy (slower).
 CRESIZE = Extension(
     "darkconv._cresize", ["darkconv/_cresize.c"],
-    extra_compile_args=["/O2", "/fp:precise"] if sys.platform == "win32" else ["-O3", "-ffp-contract=off"],
+    extra_compile_args=["/O2", "/fp:precise"] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-fast-math"],
     optional=True,
 )
 

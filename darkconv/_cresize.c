@@ -10,8 +10,8 @@
  *   w_scale = (float)(iw-1)/(new_w-1), h_scale = (float)(ih-1)/(new_h-1), all in float32.
  *
  * Every product and sum is rounded to float32 where Darknet's C rounds it. This file must be compiled
- * without floating-point contraction (-ffp-contract=off, see setup.py): a fused multiply-add would round
- * (1-dy)*a + dy*b once instead of three times and change the last bit.
+ * without floating-point contraction or fast math (-ffp-contract=off -fno-fast-math, see setup.py): a fused
+ * multiply-add would round (1-dy)*a + dy*b once instead of three times and change the last bit.
  *
  * Unlike Darknet, only the part rows the vertical pass reads are computed (two kept at a time), and the
  * three channels of an interleaved RGB row are done in one go: the same numbers, less work.
@@ -140,14 +140,14 @@ static PyObject *resize_u8(PyObject *self, PyObject *args)
     Py_ssize_t ih, iw, dst_h, dst_w, w, h, off_x, off_y;
     if (!PyArg_ParseTuple(args, "y*nnw*nnnnnn", &src, &ih, &iw, &dst, &dst_h, &dst_w, &w, &h, &off_x, &off_y))
         return NULL;
-    const char *err = NULL;
+    const char *err = NULL;  /* products checked by division: no size can overflow into a passing check */
     if (ih < 1 || iw < 1 || w < 1 || h < 1 || dst_h < 1 || dst_w < 1)
         err = "sizes must be positive";
-    else if (src.len != ih * iw * 3)
+    else if (iw > PY_SSIZE_T_MAX / 3 / ih || src.len != ih * iw * 3)
         err = "src must hold ih * iw * 3 bytes";
-    else if (dst.len != dst_h * dst_w * 3 * (Py_ssize_t)sizeof(float))
+    else if (dst_w > PY_SSIZE_T_MAX / 12 / dst_h || dst.len != dst_h * dst_w * 3 * (Py_ssize_t)sizeof(float))
         err = "dst must hold 3 * dst_h * dst_w float32";
-    else if (off_x < 0 || off_y < 0 || off_x + w > dst_w || off_y + h > dst_h)
+    else if (off_x < 0 || off_y < 0 || w > dst_w || h > dst_h || off_x > dst_w - w || off_y > dst_h - h)
         err = "the resized image must fit inside dst";
     int rc = 0;
     if (!err) {

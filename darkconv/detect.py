@@ -763,8 +763,10 @@ class Detect:
                     weights = str(Path(tmp) / (Path(self.model).stem + "-random.weights"))
                     darkconv.load(self.model).randomize(0).save_weights(weights)
             if lanes is None:  # throughput for files, latency for live sources
+                total = self.source.total
                 lanes = default_lanes(self.backend or ("triton" if url else default_backend(self.model)),
-                                      live=self.source.live, threads=threads)
+                                      live=self.source.live, threads=threads,
+                                      batches=-(-total // batch) if total else None)
             runner = open_runner(self.model, weights, self.backend, threads=threads, width=self.width,
                                  height=self.height, log=log, url=url, device=device, lanes=lanes,
                                  random_weights=self.random_weights and weights is None)
@@ -797,7 +799,7 @@ class Detect:
         fps = report.frames / report.seconds if report.seconds > 0 else 0.0
         lines = [f"{'interrupted' if report.interrupted else 'done'}: {report.frames} {unit} on {where or self.where or '?'} in {report.seconds:.1f} s "
                  f"({fps:.1f} per second), {report.boxes} box(es); per {unit[:-3]} decode {t.decode / n * 1e3:.1f} ms, "
-                 f"preprocess {t.preprocess / n * 1e3:.1f} ms, inference {t.inference / max(t.images, 1) * 1e3:.1f} ms, "
+                 f"preprocess {t.preprocess / n * 1e3:.1f} ms, inference {t.inference_busy / max(t.images, 1) * 1e3:.1f} ms, "
                  f"postprocess {t.postprocess / n * 1e3:.2f} ms"]
         src = report.source
         if src is not None and getattr(src, "dropped", 0):

@@ -112,7 +112,7 @@ def detect_dataset(runners, paths: Sequence, posts: Sequence[Sequence[tuple[floa
             frame._image = None                  # the pixels are not needed any more
     finally:
         runs.close()
-        for k in ("decode", "preprocess", "inference", "postprocess"):
+        for k in ("decode", "preprocess", "inference", "postprocess", "inference_busy"):
             t[k] = t.get(k, 0.0) + getattr(tm, k)
     return sizes, out
 
@@ -163,14 +163,14 @@ def _open(model, weights, backend, precision, *, threads, width, height, calib, 
     return runner, backend, precision
 
 
-def _lanes(lanes, backends, threads) -> int:
+def _lanes(lanes, backends, threads, batches) -> int:
     """Inference lanes for the runs under way: ``lanes`` if given (every backend must take it), else
     :func:`darkconv.pipeline.default_lanes` when every run is on onnxruntime, else 1."""
     from .pipeline import default_lanes
 
     others = sorted({b for b in backends if b != "onnxruntime"})
     if lanes is None:
-        return 1 if others else default_lanes("onnxruntime", threads=threads)
+        return 1 if others else default_lanes("onnxruntime", threads=threads, batches=batches)
     if int(lanes) > 1 and others:
         raise DarkconvError(f"--lanes {lanes}: {' and '.join(others)} take(s) one inference call at a time, and "
                             "every run of an eval shares its batches: drop --lanes")
@@ -208,8 +208,8 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
     ``calib``; ``url``: the model served by Triton at ``HOST:PORT[,...]``). ``iou_thresh``, ``points`` (0 = area under the curve, 11, 101) and ``thresh`` are
     ``detector map``'s ``-iou_thresh``, ``-points`` and ``-thresh``; ``letterbox`` None = the cfg's.
     ``coco``: also compute COCO metrics; ``coco_json``: write the ``detector valid`` detections there.
-    ``lanes``: onnxruntime inference calls at once (None: one per core up to 4 when every run is on
-    onnxruntime, see :func:`darkconv.pipeline.default_lanes`).
+    ``lanes``: onnxruntime inference calls at once (None: :func:`darkconv.pipeline.default_lanes` when every run
+    is on onnxruntime, else 1).
     ``progress``: a tqdm-like factory (``progress(total=N)``); ``log``: a print-like callable.
     """
     import tempfile
@@ -242,7 +242,7 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
     if agreement:
         rb, rp = parse_ref(ref)
         rm, rw = (ref_model, ref_weights) if ref_model is not None else (model, weights)
-    n_lanes = _lanes(lanes, [backend] + ([rb] if agreement else []), threads)
+    n_lanes = _lanes(lanes, [backend] + ([rb] if agreement else []), threads, -(-len(ds.images) // batch))
     with tempfile.TemporaryDirectory(prefix="darkconv-eval-") as workdir:
         t0 = time.perf_counter()
         runner, backend, precision = _open(model, weights, backend, precision, threads=threads, width=width,
@@ -349,7 +349,8 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
     wall = time.perf_counter() - t_start
     timings.update(load_s=t_load, detect_s=t_detect, map_s=t_map, coco_s=t_coco, total_s=wall,
                    images_per_s=n / t_detect if t_detect > 0 else None,
-                   inference_images_per_s=n * len(runners) / timings["inference"] if timings.get("inference") else None)
+                   inference_images_per_s=(n * len(runners) / timings["inference_busy"]
+                                           if timings.get("inference_busy") else None))
     summary = ds.summary()
     if agreement:
         summary["reference_objects"] = int(sum(len(t) for t in truths))
@@ -415,7 +416,9 @@ def format_summary(result: EvalResult) -> str:
         s = result.coco["stats"]
         lines.append(f"COCO AP@[.5:.95] = {_pct(s['AP'])}, AP50 = {_pct(s['AP50'])}")
     n = max(d["images"], 1)
-    per = ", ".join(f"{k} {t.get(k, 0.0) / n * 1e3:.1f} ms" for k in ("decode", "preprocess", "inference", "postprocess"))
+    per = ", ".join(f"{k} {t.get(key, 0.0) / n * 1e3:.1f} ms" for k, key in
+                    (("decode", "decode"), ("preprocess", "preprocess"), ("inference", "inference_busy"),
+                     ("postprocess", "postprocess")))
     ips = t.get("images_per_s")
     lines.append(f"{ips:.1f} images/s ({per} per image; decode and preprocessing overlap inference)" if ips
                  else f"per image: {per}")

@@ -100,8 +100,8 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
       ``workdir``) for batches 1..N; without it a cfg on tensorrt is refused with the convert command.
     * ``device`` (torch backend only): cpu, cuda or cuda:N [default: cuda when PyTorch sees a GPU];
       ``cuda_graphs``: torch on CUDA replays one recorded CUDA graph per input shape.
-    * ``lanes`` (onnxruntime only): inference calls that may run at once, each on ``threads // lanes``
-      threads (:func:`default_lanes` for a stream of files; 1 = lowest latency).
+    * ``lanes`` (onnxruntime only): inference calls that may run at once, on one session of ``threads // lanes``
+      intra-op threads (:func:`default_lanes` for a stream of files; 1 = lowest latency).
     * ``report``: a dict that gets what opening took and means: ``model_load_s``, ``export_s``,
       ``engine_build_s`` (seconds, for the steps that ran), ``precision`` (what runs), ``int8``
       (recipe, calibration method and image count) and ``notes`` (lines worth telling the user).
@@ -111,7 +111,7 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
     backend = canonical(backend or ("triton" if url else default_backend(model)))
     if (device is not None or cuda_graphs) and backend != "torch":
         raise DarkconvError(f"--device and CUDA graphs apply to the torch backend, not {backend}")
-    lanes = int(lanes or 1)
+    lanes = 1 if lanes is None else int(lanes)
     if lanes < 1:
         raise DarkconvError(f"--lanes must be >= 1, not {lanes}")
     if lanes > 1 and backend != "onnxruntime":
@@ -183,15 +183,18 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
     return _open_exported(m, model, weights, backend, precision, threads, calib, workdir, log, engine_batch, rep, lanes)
 
 
-def default_lanes(backend: str, *, live: bool = False, threads: int | None = None) -> int:
-    """Inference lanes for a job: on onnxruntime, one per CPU thread up to 4 for a stream of files or video
-    frames (throughput: two single-threaded calls lose less to decoding on the same cores than one call on
-    two threads, see benchmarks/bench_e2e.py), 1 for live sources (latency) and every other backend."""
+def default_lanes(backend: str, *, live: bool = False, threads: int | None = None, batches: int | None = None) -> int:
+    """Inference lanes for a job: on onnxruntime, with at most 4 CPU threads for inference, one single-threaded
+    lane per thread for a stream of files or video frames (throughput: two single-threaded calls lose less to
+    decoding on the same cores than one call on two threads, see benchmarks/bench_e2e.py); 1 for live sources
+    (latency), for more threads (the calls would share one session's thread pool, and the spare cores decode
+    anyway), for every other backend, and never more than the job's ``batches``."""
     import os
 
-    if live or canonical(backend) != "onnxruntime":
+    n = int(threads or os.cpu_count() or 1)
+    if live or canonical(backend) != "onnxruntime" or n > 4:
         return 1
-    return max(1, min(4, int(threads or os.cpu_count() or 1)))
+    return max(1, min(n, batches if batches is not None else n))
 
 
 def _open_exported(m, cfg, weights, backend, precision, threads, calib, workdir, log, engine_batch, rep, lanes=1):
@@ -268,9 +271,10 @@ class Timings:
 
     decode: float = 0.0
     preprocess: float = 0.0
-    inference: float = 0.0
+    inference: float = 0.0          # summed over calls (with lanes, calls overlap: per-call latency)
     postprocess: float = 0.0
     images: int = 0
+    inference_busy: float = 0.0     # wall time during which at least one inference call ran
 
 
 def detect_arrays(runner, images: list[np.ndarray], *, thresh=0.25, nms=0.45, letterbox=None,
@@ -419,6 +423,17 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
                 setattr(t, field_name, getattr(t, field_name) + dt)
                 t.images += images
 
+    in_flight = [0, 0.0]  # inference calls running, and since when at least one has
+
+    def busy(step):
+        with lock:
+            now = time.perf_counter()
+            if step > 0 and in_flight[0] == 0:
+                in_flight[1] = now
+            in_flight[0] += step
+            if in_flight[0] == 0 and t is not None:
+                t.inference_busy += now - in_flight[1]
+
     def prep(x, i, frame):
         t0 = time.perf_counter()
         try:
@@ -472,6 +487,7 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
         if good:
             xb = x[:len(chunk)] if len(good) == len(chunk) else x[good]
             n = len(good)
+            busy(+1)
             t0 = time.perf_counter()
             try:
                 for r, pad in zip(runners, pads):
@@ -481,6 +497,8 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
                     heads_all.append([h[:n] for h in r.infer(xr)])
             except InferenceError as e:
                 failed = e
+            finally:
+                busy(-1)
             add("inference", time.perf_counter() - t0, n)
         spare.put(x)
         return chunk, prepped, good, heads_all, failed

@@ -277,6 +277,8 @@ def decode_thresholds(heads: Sequence[np.ndarray], spec: ModelSpec, image_sizes,
     arrs, sizes, classes = _check_inputs(heads, spec, image_sizes)
     letter = spec.letter_box if letterbox is None else bool(letterbox)
     thrs = [_F32(t) for t in thresholds]
+    if not thrs:
+        return [[] for _ in sizes]
     low = min(thrs)
     empty = (np.zeros((0, 4), _F32), np.zeros(0, _F32), np.zeros((0, classes), _F32))
     out = []
@@ -284,7 +286,12 @@ def decode_thresholds(heads: Sequence[np.ndarray], spec: ModelSpec, image_sizes,
         decoded = [(_decode_head(a[b], hs, spec.width, spec.height, low), hs) for a, hs in zip(arrs, spec.heads)]
         per_thresh = []
         for thr in thrs:
-            parts = [p if thr == low else _restrict(p, hs, thr) for p, hs in decoded if p is not None]
+            if thr == low:
+                parts = [p for p, _ in decoded]
+            elif low >= 0:
+                parts = [_restrict(p, hs, thr) for p, hs in decoded if p is not None]
+            else:  # below 0 the zeroed probabilities would pass a higher threshold: decode at thr itself
+                parts = [_decode_head(a[b], hs, spec.width, spec.height, thr) for a, hs in zip(arrs, spec.heads)]
             parts = [p for p in parts if p is not None]
             if len(parts) > 1:
                 boxes, obj, probs = (np.concatenate([p[i] for p in parts]) for i in range(3))

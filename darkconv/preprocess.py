@@ -351,7 +351,8 @@ def preprocess_into(image: np.ndarray, size: Sequence[int], letterbox: bool, out
         out[:, y0:y1, :x0] = out[:, y0:y1, x1:] = _F32(0.5)
     elif letterbox:
         out.fill(_F32(0.5))
-    c_kernel = _C is not None and out.dtype == _F32 and out.flags.c_contiguous and out.shape == (3, h, w)
+    c_kernel = (_C is not None and out.dtype == _F32 and out.flags.c_contiguous and out.flags.aligned
+                and out.shape == (3, h, w))
     if c_kernel and whole:
         src = im if im.flags.c_contiguous else np.ascontiguousarray(im)
         _C.resize_u8(src, ih, iw, out, h, w, new_w, new_h, dx, dy)

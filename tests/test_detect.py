@@ -205,7 +205,7 @@ def test_cli_cfg_on_onnxruntime_cleans_its_temporary_onnx(tmp_path, default_mode
                                   "--backend", "ort", "--threads", "2"])
     assert r.exit_code == 0, r.output
     assert "dog.jpg (768x576): 4 boxes" in r.output
-    assert "1 image(s) on onnxruntime (CPUExecutionProvider, 2 lanes)" in r.output  # described while active
+    assert "1 image(s) on onnxruntime (CPUExecutionProvider)" in r.output  # described while active; one image: 1 lane
     assert listing_after_gc(tmp) == []
 
 

@@ -141,8 +141,11 @@ def test_lanes_give_the_same_figures(default_model, default_onnx):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         np.testing.assert_array_equal(a.scores, b.scores)
     assert one.map.as_dict() == three.map.as_dict()
-    auto = darkconv.evaluate(default_onnx, None, SAMPLES, threads=2, coco=False, limit=1)
+    auto = darkconv.evaluate(default_onnx, None, SAMPLES, threads=2, coco=False, limit=2)
     assert auto.settings["lanes"] == default_lanes("onnxruntime", threads=2) == 2
+    assert darkconv.evaluate(default_onnx, None, SAMPLES, threads=2, coco=False, limit=1).settings["lanes"] == 1
+    assert auto.timings["inference_busy"] > 0 and auto.timings["inference_images_per_s"] == pytest.approx(
+        2 / auto.timings["inference_busy"])
     mixed = darkconv.evaluate(default_onnx, None, SAMPLES, ref="torch", ref_model=default_model.cfg,
                               ref_weights=default_model.weights, coco=False, limit=1)
     assert mixed.settings["lanes"] == 1                                     # torch takes one call at a time

@@ -242,7 +242,10 @@ def test_lanes_infer_batches_at_once_results_in_input_order(default_onnx, images
         assert r.concurrency == lanes and r.describe().endswith(f"{lanes} lanes)" if lanes > 1 else "Provider)")
         rec = Recording(r)
         frames = [SlowFrame(i, f"f{i}", im) for i, im in enumerate(images)] * 3
-        out = list(stream_detect(rec, iter(frames), batch=2, workers=2))
+        t = Timings()
+        out = list(stream_detect(rec, iter(frames), batch=2, workers=2, timings=t))
+        # busy time: the wall time with any call running; calls overlap only with lanes
+        assert 0 < t.inference_busy <= t.inference * 1.02 and (t.inference_busy < 0.9 * t.inference) == (lanes > 1)
         assert [f.index for f, _ in out] == [f.index for f in frames]
         for f, det in out:
             same(det, reference[f.index])        # a single-threaded call gives the same numbers
@@ -287,5 +290,9 @@ def test_lanes_option_checked(default_onnx, default_model):
         open_runner(default_onnx, lanes=-1)
     from darkconv.pipeline import default_lanes
 
+    with pytest.raises(DarkconvError, match="--lanes must be >= 1"):
+        open_runner(default_onnx, lanes=0)
     assert default_lanes("torch") == 1 and default_lanes("ort", live=True) == 1
-    assert default_lanes("onnxruntime", threads=2) == 2 and default_lanes("onnxruntime", threads=16) == 4
+    assert default_lanes("onnxruntime", threads=2) == 2 and default_lanes("onnxruntime", threads=4) == 4
+    assert default_lanes("onnxruntime", threads=16) == 1      # the calls would share one session's pool
+    assert default_lanes("onnxruntime", threads=4, batches=1) == 1 and default_lanes("ort", threads=3, batches=2) == 2

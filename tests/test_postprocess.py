@@ -411,12 +411,14 @@ def test_settings_decode_once_and_equal_each_setting_alone(which):
                     np.testing.assert_array_equal(getattr(got[b][k], f), getattr(alone[b], f), err_msg=f)
                 assert_same(as_tuples(got[b][k]), ref_detect([r[b] for r in raws], spec, *size, thresh=t, nms=n,
                                                              letter=letter))
-        per = decode_thresholds(raws, spec, sizes, [0.3, 0.001, 0.02], letterbox=letter)
-        for k, t in enumerate((0.3, 0.001, 0.02)):
+        ts = (0.3, 0.001, 0.02, -0.5, -1.0)                     # negative: API callers, decoded at that value
+        per = decode_thresholds(raws, spec, sizes, ts, letterbox=letter)
+        for k, t in enumerate(ts):
             for b, one in enumerate(decode(raws, spec, sizes, t, letterbox=letter)):
                 for x, y in zip(per[b][k], one):
                     np.testing.assert_array_equal(x, y)
     assert sum(len(d) for d in got[0]) > 50                    # enough pairs that the filters matter
+    assert postprocess_settings(raws, spec, sizes, []) == [[], []]
 
 
 def test_many_candidates_sparse_path_vs_reference():

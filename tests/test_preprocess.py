@@ -231,17 +231,32 @@ def test_preprocess_batch(u8_kernel):
         pp.preprocess(np.zeros((4, 4, 3), np.float32), (8, 8))
 
 
+def _c_kernel():
+    """``darkconv._cresize``; where it is missing, a skip if this machine has no C compiler (darkconv then runs the
+    NumPy kernel, as documented), a failure if it has one (the install should have built it)."""
+    import os
+    import shutil
+    import sysconfig
+
+    if os.environ.get("DARKCONV_NO_C_KERNEL"):
+        pytest.skip("DARKCONV_NO_C_KERNEL is set: the compiled kernel is switched off")
+    try:
+        from darkconv import _cresize
+        return _cresize
+    except ImportError:
+        cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+        if shutil.which(cc) is None:
+            pytest.skip(f"no C compiler ({cc}) on this machine: darkconv._cresize was not built, NumPy runs instead")
+        pytest.fail(f"darkconv._cresize was not built although {cc} is here: `pip install --no-deps -e .` again")
+
+
 @pytest.fixture(params=["c", "numpy"])
 def u8_kernel(request, monkeypatch):
     """Run a test through each uint8 kernel: the compiled ``darkconv._cresize`` and the NumPy one."""
     if request.param == "numpy":
         monkeypatch.setattr(pp, "_C", None)
-    elif pp._C is None:
-        import os
-
-        if os.environ.get("DARKCONV_NO_C_KERNEL"):
-            pytest.skip("DARKCONV_NO_C_KERNEL is set: the compiled kernel is switched off")
-        pytest.fail("darkconv._cresize was not built (needs a C compiler): `pip install --no-deps -e .` again")
+    else:
+        monkeypatch.setattr(pp, "_C", _c_kernel())
     assert pp.kernel() == request.param
     return request.param
 
@@ -313,10 +328,7 @@ def test_preprocess_u8_extreme_scales_and_views(u8_kernel):
 
 def test_c_kernel_checks_its_arguments():
     """The compiled kernel refuses buffers that do not match the sizes it is given (never writes out of bounds)."""
-    try:
-        from darkconv import _cresize as c
-    except ImportError:
-        pytest.fail("darkconv._cresize was not built (needs a C compiler): `pip install --no-deps -e .` again")
+    c = _c_kernel()
     src = np.zeros((4, 5, 3), np.uint8)
     dst = np.zeros((3, 8, 8), F)
     with pytest.raises(ValueError, match="src must hold"):
@@ -329,6 +341,13 @@ def test_c_kernel_checks_its_arguments():
         c.resize_u8(src, 4, 5, dst, 8, 8, 0, 6, 0, 0)
     with pytest.raises((ValueError, TypeError, BufferError)):
         c.resize_u8(src, 4, 5, dst.astype(np.float64)[:, :, ::2], 8, 8, 8, 8, 0, 0)
+    big = 2 ** 62                                           # products that would overflow into a passing check
+    with pytest.raises(ValueError, match="src must hold"):
+        c.resize_u8(src, big, big, dst, 8, 8, 8, 8, 0, 0)
+    with pytest.raises(ValueError, match="dst must hold"):
+        c.resize_u8(src, 4, 5, dst, big, big, 8, 8, 0, 0)
+    with pytest.raises(ValueError, match="fit inside"):
+        c.resize_u8(src, 4, 5, dst, 8, 8, 8, 8, 2 ** 63 - 4, 0)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -164,9 +164,10 @@ def parse_batch(value: str):
 def lanes_option(fn):
     """``--lanes N``: onnxruntime inference calls at once (see :func:`darkconv.pipeline.default_lanes`)."""
     return click.option("--lanes", type=click.IntRange(1), default=None, metavar="N",
-                        help="onnxruntime: run N batches at once, each on threads/N CPU threads: more images per "
-                             "second on files, more latency per image [default: one per core up to 4 for images "
-                             "and video files; 1 for streams, cameras and other backends]")(fn)
+                        help="onnxruntime: run N batches at once on one session of threads/N intra-op threads: "
+                             "more images per second on files, more latency per image [default: one single-threaded "
+                             "lane per CPU thread on machines with up to 4 (for images, video files, and streams "
+                             "with --all-frames); 1 for live streams, cameras, more threads and other backends]")(fn)
 
 
 def url_option(fn):

@@ -34,10 +34,12 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, onnx_path, *, threads: int | None = None, lanes: int = 1, providers: list[str] | None = None,
                  session_config: dict | None = None):
         """``threads``: CPU threads for inference in all [default: every core]. ``lanes``: how many ``infer``
-        calls may run at once, from different threads (:attr:`concurrency`); each call then gets
-        ``threads // lanes`` intra-op threads. On a CPU, two single-threaded calls at once run as many images
-        per second as one call on two threads, and lose less when other work (decoding, resizing) shares the
-        cores, which is what a stream of files needs; one lane on all threads gives the lowest latency."""
+        calls may run at once, from different threads (:attr:`concurrency`), on one session whose intra-op
+        thread count is ``threads // lanes`` (a call runs on its own thread plus that session's pool, which
+        concurrent calls share: lanes of one thread each use exactly ``lanes`` threads). On a CPU, two
+        single-threaded calls at once run as many images per second as one call on two threads, and lose less
+        when other work (decoding, resizing) shares the cores, which is what a stream of files needs; one lane
+        on all threads gives the lowest latency."""
         self.path = str(onnx_path)
         self.threads, self.providers = threads, providers
         self.lanes = int(lanes)
