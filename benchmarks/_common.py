@@ -83,3 +83,12 @@ def pure_inference(runner, x, n: int) -> dict:
 
 def best(rounds, key="images_per_s") -> float:
     return max(r[key] for r in rounds)
+
+
+def round_ratios(rounds, *baselines, key="images_per_s") -> tuple[float, float, float]:
+    """(min, median, max) over the rounds of ``rounds[k] / max(baseline[k] ...)``: the ratio within each round,
+    whose measurements ran back to back (the best-of-rounds ratio pairs two different rounds)."""
+    import statistics
+
+    r = [x[key] / max(b[k]["images_per_s"] for b in baselines) for k, x in enumerate(rounds)]
+    return min(r), statistics.median(r), max(r)

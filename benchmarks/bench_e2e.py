@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import darkconv  # noqa: E402
-from _common import GOAL, best, cpu_lock, lscpu_flags, pure_inference  # noqa: E402
+from _common import GOAL, best, cpu_lock, lscpu_flags, pure_inference, round_ratios  # noqa: E402
 from darkconv import preprocess  # noqa: E402
 from darkconv.bench import environment  # noqa: E402
 from darkconv.pipeline import DATA, default_lanes, default_workers, detect_arrays, open_runner, stream_detect  # noqa: E402
@@ -126,7 +126,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--lock-wait", type=float, default=600,
                     help="seconds to wait for the exclusive CPU lock before timing anyway (recorded); -1 = do not take it")
+    ap.add_argument("--from-json", metavar="JSON", help="write the report again from a saved results JSON (no timing)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        path = Path(args.from_json)
+        return write_report(json.loads(path.read_text()), path.parent)
     from darkconv.export.onnx import export_onnx
     from darkconv.zoo import default_model
 
@@ -164,11 +168,19 @@ def main(argv=None):
     sizes = sorted({load_image(p).shape[:2] for p in files[:24]})
     result = {"schema": "darkconv.bench_e2e/2", "images": args.images, "folder": str(folder),
               "model": "yolov3-tiny (COCO, FP32 ONNX) on onnxruntime", "inference_threads": args.threads or "all",
-              "lanes": lanes, "resize_kernel": preprocess.kernel(), "goal": GOAL, "rows": rows, "environment": env,
+              "lanes": lanes, "rounds": args.rounds, "sizes": [list(sizes[0]), list(sizes[-1])],
+              "resize_kernel": preprocess.kernel(), "goal": GOAL, "rows": rows, "environment": env,
               "lscpu": lscpu_flags(), "cpu_lock": lock.state, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_e2e.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_report(result, out)
+
+
+def write_report(result: dict, out: Path) -> None:
+    """``bench_e2e.md`` from the results (``--from-json`` writes it again from a saved JSON)."""
+    env, rows = result["environment"], result["rows"]
+    (h0, w0), (h1, w1) = result["sizes"]
 
     def fig(rounds):
         r = max(rounds, key=lambda x: x["images_per_s"])
@@ -177,28 +189,32 @@ def main(argv=None):
     lines = [f"# detect on a folder vs pure inference ({result['time']})", "",
              f"Machine: {env['cpu_model']}, {env['cpu_cores']} cores, SIMD {', '.join(env['cpu_features'])}; "
              f"load average at the end {env['load_avg_1_5_15']}; onnxruntime {env['versions']['onnxruntime']}.",
-             f"lscpu: {result['lscpu']}", f"CPU lock: {lock.state}.", "",
-             f"{args.images} JPEGs (bundled samples scaled 0.5-1.6x per axis, e.g. {sizes[0][1]}x{sizes[0][0]} to "
-             f"{sizes[-1][1]}x{sizes[-1][0]}), yolov3-tiny FP32 ONNX on onnxruntime, inference threads "
-             f"{args.threads or 'all'}, resize kernel `{preprocess.kernel()}`. Two runners: one lane on every thread, "
-             f"and {lanes} lanes of one thread each (`darkconv detect`'s default on files). Pure inference: "
-             "`runner.infer` on a fixed preprocessed batch (the lanes runner called from one thread per lane); the "
-             "baseline is the better of the two. Stream: `pipeline.stream_detect` over the files (decode + exact "
-             "Darknet resize in the preprocessing worker, inference, postprocessing at thresh 0.25, every result "
-             "consumed). Sequential: decode, preprocess, infer, postprocess one image after the other. Best of "
-             f"{args.rounds} interleaved rounds each; images/s, with process CPU ms per image in brackets.", "",
-             "| batch | pure inference, 1 lane | pure inference, lanes | stream, lanes | ratio | stream, 1 lane | ratio | "
-             "sequential | ratio | decode / preprocess / inference / postprocess ms per image (stream, lanes) | "
-             f"goal >= {GOAL} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"lscpu: {result['lscpu']}", f"CPU lock: {result['cpu_lock']}.", "",
+             f"{result['images']} JPEGs (bundled samples scaled 0.5-1.6x per axis, e.g. {w0}x{h0} to {w1}x{h1}), "
+             f"yolov3-tiny FP32 ONNX on onnxruntime, inference threads {result['inference_threads']}, resize kernel "
+             f"`{result['resize_kernel']}`. Two runners: one lane on every thread, and {result['lanes']} lanes of one "
+             "thread each (`darkconv detect`'s default on files). Pure inference: `runner.infer` on a fixed "
+             "preprocessed batch (the lanes runner called from one thread per lane); the baseline is the better of "
+             "the two. Stream: `pipeline.stream_detect` over the files (decode + exact Darknet resize in the "
+             "preprocessing worker, inference, postprocessing at thresh 0.25, every result consumed). Sequential: "
+             f"decode, preprocess, infer, postprocess one image after the other. {result['rounds']} interleaved "
+             "rounds; images/s of the best round of each, with process CPU ms per image in brackets; *within rounds*: "
+             "min / median / max over the rounds of the stream's images/s over the better pure inference of the same "
+             "round.", "",
+             "| batch | pure inference, 1 lane | pure inference, lanes | stream, lanes | ratio (best rounds) | within "
+             "rounds | stream, 1 lane | ratio | sequential | ratio | decode / preprocess / inference / postprocess ms "
+             f"per image (stream, lanes) | goal >= {result['goal']} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bs = max(r["stream_lanes"], key=lambda x: x["images_per_s"])
         s = bs["stages_ms_per_image"]
         seq = f"{fig(r['sequential'])} | {r['ratio_sequential']:.2f}" if r["sequential"] else "- | -"
+        lo, mid, hi = round_ratios(r["stream_lanes"], r["pure_1"], r["pure_lanes"])
         lines.append(f"| {r['batch']} | {fig(r['pure_1'])} | {fig(r['pure_lanes'])} | {fig(r['stream_lanes'])} | "
-                     f"**{r['ratio']:.2f}** | {fig(r['stream_1'])} | {r['ratio_one_lane']:.2f} | {seq} | "
+                     f"**{r['ratio']:.3f}** | {lo:.2f} / {mid:.2f} / {hi:.2f} | {fig(r['stream_1'])} | "
+                     f"{r['ratio_one_lane']:.2f} | {seq} | "
                      f"{s['decode']:.1f} / {s['preprocess']:.1f} / {s['inference']:.1f} / {s['postprocess']:.1f} | "
-                     f"{'met' if r['ratio'] >= GOAL else 'missed'} |")
+                     f"{'met' if r['ratio'] >= result['goal'] else 'missed'} |")
     lines += ["", "Stage times are summed over threads that overlap (inference over the lanes), so they do not add up "
               "to the wall time. The difference in CPU ms per image between the stream and pure inference is what "
               "decoding, resizing, postprocessing and the pipeline cost; on a machine whose cores inference already "
