@@ -74,10 +74,11 @@ CPU_RECIPES = {
                               "weights do not, and held-out agreement and latency were measured on such a CPU "
                               "(AMD EPYC, AVX2, benchmarks/results/bench_int8.md)", True),
     "x86-vnni": ("u8s8", "x86-64 with VNNI: U8S8 sums are 32-bit (VPDPBUSD), no saturation, so full 8-bit weights; "
-                         "the AVX-512 VNNI kernels were measured on an AMX Xeon with AMX denied to ONNX Runtime "
-                         "(benchmarks/no_amx.py, benchmarks/results/bench_int8-x86-amx-denied.md: agreement 1.000 on "
-                         "yolov3-tiny and yolov4-tiny-10, results identical to the AMX run, 0.58x/0.54x FP32); on a "
-                         "real non-AMX CPU and on AVX-VNNI-only CPUs (256-bit kernels) inferred, not measured", False),
+                         "as on an AMX Xeon with AMX denied to ONNX Runtime (benchmarks/no_amx.py), measured on an AMD "
+                         "EPYC with AVX-512 VNNI and no AMX (KVM, family 26): held-out agreement 1.000 on yolov3-tiny "
+                         "and yolov4-tiny-10, the fastest recipe (0.61x/0.47x FP32; u8s8-rr, the same kernels, "
+                         "0.65x/0.48x), benchmarks/results/bench_int8-x86-vnni.md; CPUs with only AVX-VNNI (256-bit "
+                         "kernels) inferred from the same instruction", True),
     "x86-amx": ("u8s8", "x86-64 with AMX-INT8 and AVX-512 VNNI: U8S8 with 8-bit weights keeps held-out agreement "
                         "1.000 on yolov3-tiny and yolov4-tiny-10 with the lowest head error, at the best latency "
                         "(tied with u8s8-rr, same kernels: 0.57x/0.52x FP32; ONNX Runtime runs U8S8 GEMMs on AMX, "

@@ -64,7 +64,7 @@ def test_this_machine_is_read_from_the_os():
 def test_recipe_per_cpu_class(text, arch, want):
     r, why = qz.choose_recipe("onnxruntime", cpu.parse_cpuinfo(text, arch))
     assert r.name == want and r.target == "onnxruntime"
-    measured = cpu.parse_cpuinfo(text, arch).cpu_class in ("x86-novnni", "x86-amx")
+    measured = cpu.parse_cpuinfo(text, arch).cpu_class in ("x86-novnni", "x86-vnni", "x86-amx")
     assert ("measured" in why and "not measured" not in why) == measured
     r, why = qz.choose_recipe("tensorrt", cpu.parse_cpuinfo(text, arch))
     assert r.name == "tensorrt" and "inferred" in why
