@@ -83,17 +83,18 @@ def test_results_in_input_order_and_equal_to_sequential(runner, images, referenc
     assert not stream_threads()
 
 
+def endless(images, pulled):
+    """An endless source of small frames; ``pulled`` gets the index of every frame taken from it."""
+    i = 0
+    while True:
+        pulled.append(i)
+        yield Frame(i, str(i), images[i % 3][:64, :80])
+        i += 1
+
+
 def test_bounded_with_endless_source_and_slow_consumer(runner, images):
     pulled = []
-
-    def endless():
-        i = 0
-        while True:
-            pulled.append(i)
-            yield Frame(i, str(i), images[i % 3][:64, :80])
-            i += 1
-
-    gen = stream_detect(runner, endless(), batch=2, queue_size=4, workers=2)
+    gen = stream_detect(runner, endless(images, pulled), batch=2, queue_size=4, workers=2)
     seen = 0
     for frame, det in gen:
         assert frame.index == seen and not isinstance(det, BaseException)
@@ -264,15 +265,7 @@ def test_lanes_infer_batches_at_once_results_in_input_order(default_onnx, images
 def test_lanes_bounded_and_closed_mid_stream(default_onnx, images):
     with open_runner(default_onnx, threads=2, lanes=2) as r:
         pulled = []
-
-        def endless():
-            i = 0
-            while True:
-                pulled.append(i)
-                yield Frame(i, str(i), images[i % 3][:64, :80])
-                i += 1
-
-        gen = stream_detect(r, endless(), batch=2, queue_size=4, workers=2)
+        gen = stream_detect(r, endless(images, pulled), batch=2, queue_size=4, workers=2)
         for seen, (frame, det) in enumerate(gen, 1):
             assert not isinstance(det, BaseException)
             time.sleep(0.05)
