@@ -246,7 +246,7 @@ def coco_metrics(gt: dict, results: list[dict], *, use: str | None = None, copy:
 def _fresh(gt: dict) -> dict:
     """A copy of a ground-truth dict that the COCO libraries may change (they add keys to its dicts) without
     touching the caller's: new dicts for the dataset and each image, annotation and category."""
-    out = {k: v for k, v in gt.items()}
+    out = dict(gt)
     for key in ("images", "annotations", "categories"):
         if key in out:
             out[key] = [{**d, "bbox": list(d["bbox"])} if "bbox" in d else dict(d) for d in out[key]]

@@ -749,7 +749,7 @@ class Detect:
         import warnings
 
         from .errors import DarkconvWarning
-        from .pipeline import default_backend, default_lanes, open_runner, resolve_names
+        from .pipeline import default_lanes, open_runner, resolve_backend, resolve_names
 
         tmp = None
         try:
@@ -764,8 +764,7 @@ class Detect:
                     darkconv.load(self.model).randomize(0).save_weights(weights)
             if lanes is None:  # throughput for files, latency for live sources
                 total = self.source.total
-                lanes = default_lanes(self.backend or ("triton" if url else default_backend(self.model)),
-                                      live=self.source.live, threads=threads,
+                lanes = default_lanes(resolve_backend(self.model, self.backend, url), live=self.source.live, threads=threads,
                                       batches=-(-total // batch) if total else None)
             runner = open_runner(self.model, weights, self.backend, threads=threads, width=self.width,
                                  height=self.height, log=log, url=url, device=device, lanes=lanes,

@@ -134,10 +134,9 @@ def parse_ref(ref) -> tuple[str, str]:
 
 def _open(model, weights, backend, precision, *, threads, width, height, calib, workdir, log, url=None, lanes=1):
     """A runner for ``model`` on ``backend`` at ``precision`` (through ``pipeline.open_runner``) and what runs."""
-    from .pipeline import artifact_precision, default_backend, model_kind, open_runner
-    from .runners import canonical
+    from .pipeline import artifact_precision, model_kind, open_runner, resolve_backend
 
-    backend = canonical(backend or ("triton" if url else default_backend(model)))
+    backend = resolve_backend(model, backend, url)
     if backend == "triton":                     # a served model runs whatever precision it was exported in
         return (open_runner(model, weights, backend, width=width, height=height, log=log, url=url), backend,
                 precision or "as served")
@@ -235,10 +234,9 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
                            "with a reference run")
     width, height = size if size else (None, None)
     notes = list(ds.notes)
-    from .pipeline import default_backend
-    from .runners import canonical
+    from .pipeline import resolve_backend
 
-    backend = canonical(backend or ("triton" if url else default_backend(model)))
+    backend = resolve_backend(model, backend, url)
     if agreement:
         rb, rp = parse_ref(ref)
         rm, rw = (ref_model, ref_weights) if ref_model is not None else (model, weights)

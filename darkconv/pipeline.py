@@ -41,6 +41,12 @@ def default_backend(model) -> str:
     return {"onnx": "onnxruntime", "engine": "tensorrt", "cfg": "torch"}[model_kind(model)]
 
 
+def resolve_backend(model, backend: str | None = None, url=None) -> str:
+    """The canonical backend a job runs ``model`` on: ``backend`` if given, else triton when a server ``url`` is
+    given, else the model's own (:func:`default_backend`)."""
+    return canonical(backend or ("triton" if url else default_backend(model)))
+
+
 def read_names(path) -> tuple[str, ...]:
     p = Path(path)
     try:
@@ -108,7 +114,7 @@ def open_runner(model, weights=None, backend: str | None = None, *, threads: int
     """
     rep = report if report is not None else {}
     rep.setdefault("notes", [])
-    backend = canonical(backend or ("triton" if url else default_backend(model)))
+    backend = resolve_backend(model, backend, url)
     if (device is not None or cuda_graphs) and backend != "torch":
         raise DarkconvError(f"--device and CUDA graphs apply to the torch backend, not {backend}")
     lanes = 1 if lanes is None else int(lanes)

@@ -62,11 +62,10 @@ def prepare(model, weights=None, backend: str | None = None, *, precision: str |
     1..max_batch; an .onnx / engine whose precision differs from ``precision`` runs its own
     (noted). Temporary exports live in ``Prepared.workdir`` until :meth:`Prepared.cleanup`.
     """
-    from ..pipeline import default_backend, model_kind, open_runner
-    from ..runners import canonical
+    from ..pipeline import model_kind, open_runner, resolve_backend
 
     log = log or (lambda *_a, **_k: None)
-    backend = canonical(backend or ("triton" if url else default_backend(model)))
+    backend = resolve_backend(model, backend, url)
     if backend == "tensorrt":
         from ..export.tensorrt import require_tensorrt
         require_tensorrt()  # the same error as `convert --engine`, before any work

@@ -59,9 +59,8 @@ def bench(model, weights, backend, precision, batches, warmup, iters, seconds, t
             from None
     width, height = parse_size(size)
     if device is not None or cuda_graphs:
-        from ..pipeline import default_backend
-        from ..runners import canonical
-        chosen = canonical(backend or ("triton" if url else default_backend(model)))
+        from ..pipeline import resolve_backend
+        chosen = resolve_backend(model, backend, url)
         check_device(device, [chosen])
         if cuda_graphs and (chosen != "torch" or (device or "cuda").startswith("cpu")):
             raise click.BadParameter("CUDA graphs are for the torch backend on --device cuda",

@@ -70,9 +70,8 @@ def detect(args, backend, thresh, nms, letterbox, names, out, json_path, every, 
     model, weights, inputs = split_model_args(args, served=served)
     width, height = parse_size(size, "--size")
     if device is not None:
-        from ..pipeline import default_backend
-        from ..runners import canonical
-        check_device(device, [canonical(backend or ("triton" if served else default_backend(model)))])
+        from ..pipeline import resolve_backend
+        check_device(device, [resolve_backend(model, backend, url=served)])
     job = Detect(model, weights, inputs, backend=backend, out=out, json_path=json_path, every=every,
                  max_frames=max_frames, live=False if all_frames else None, random_weights=random_weights,
                  width=width, height=height, served=served)

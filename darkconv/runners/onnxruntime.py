@@ -45,7 +45,6 @@ class OnnxRuntimeRunner(Runner):
         self.lanes = int(lanes)
         if self.lanes < 1:
             raise DarkconvError(f"lanes must be >= 1, not {lanes}")
-        self.concurrency = self.lanes
         self.session_config = dict(session_config or {})  # SessionOptions config entries, e.g. spinning off
         from ..onnx_meta import read_spec
 
@@ -77,6 +76,10 @@ class OnnxRuntimeRunner(Runner):
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self.output_names = outputs_by_name(self.spec, [o.name for o in self.session.get_outputs()], where=self.path,
                                             hint="re-export it with `darkconv convert`")
+
+    @property
+    def concurrency(self) -> int:
+        return self.lanes
 
     def deactivate(self):
         self.session = None
