@@ -8,14 +8,12 @@ for line in Path("darkconv/__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
         exec(line, version)
 
-# Darknet's preprocessing in C (darkconv/_cresize.c). It must be compiled without floating-point
-# contraction or fast math (after any CFLAGS): a fused multiply-add would change the last bit of Darknet's resize. Optional: where
-# it cannot be built, darkconv runs the same numbers in NumPy (slower).
-CRESIZE = Extension(
-    "darkconv._cresize", ["darkconv/_cresize.c"],
-    extra_compile_args=["/O2", "/fp:precise"] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-fast-math"],
-    optional=True,
-)
+# Darknet's preprocessing (darkconv/_cresize.c) and NMS (darkconv/_cnms.c) in C. They must be compiled without
+# floating-point contraction or fast math (after any CFLAGS): a fused multiply-add would change the last bit of
+# Darknet's resize or IoU. Optional: where they cannot be built, darkconv runs the same numbers in NumPy (slower).
+C_FLAGS = ["/O2", "/fp:precise"] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-fast-math"]
+C_KERNELS = [Extension(f"darkconv.{name}", [f"darkconv/{name}.c"], extra_compile_args=C_FLAGS, optional=True)
+             for name in ("_cresize", "_cnms")]
 
 setup(
     name="darkconv",
@@ -26,7 +24,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["darkconv", "darkconv.*"]),
     package_data={"darkconv": ["data/*"]},
-    ext_modules=[CRESIZE],
+    ext_modules=C_KERNELS,
     install_requires=[
         "numpy>=1.24,<3",
         "torch>=2.4",

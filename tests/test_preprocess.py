@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import compiled_kernel
 from darkconv import preprocess as pp
 from darkconv.errors import ImageError
 
@@ -231,32 +232,13 @@ def test_preprocess_batch(u8_kernel):
         pp.preprocess(np.zeros((4, 4, 3), np.float32), (8, 8))
 
 
-def _c_kernel():
-    """``darkconv._cresize``; where it is missing, a skip if this machine has no C compiler (darkconv then runs the
-    NumPy kernel, as documented), a failure if it has one (the install should have built it)."""
-    import os
-    import shutil
-    import sysconfig
-
-    if os.environ.get("DARKCONV_NO_C_KERNEL"):
-        pytest.skip("DARKCONV_NO_C_KERNEL is set: the compiled kernel is switched off")
-    try:
-        from darkconv import _cresize
-        return _cresize
-    except ImportError:
-        cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-        if shutil.which(cc) is None:
-            pytest.skip(f"no C compiler ({cc}) on this machine: darkconv._cresize was not built, NumPy runs instead")
-        pytest.fail(f"darkconv._cresize was not built although {cc} is here: `pip install --no-deps -e .` again")
-
-
 @pytest.fixture(params=["c", "numpy"])
 def u8_kernel(request, monkeypatch):
     """Run a test through each uint8 kernel: the compiled ``darkconv._cresize`` and the NumPy one."""
     if request.param == "numpy":
         monkeypatch.setattr(pp, "_C", None)
     else:
-        monkeypatch.setattr(pp, "_C", _c_kernel())
+        monkeypatch.setattr(pp, "_C", compiled_kernel("_cresize"))
     assert pp.kernel() == request.param
     return request.param
 
@@ -328,7 +310,7 @@ def test_preprocess_u8_extreme_scales_and_views(u8_kernel):
 
 def test_c_kernel_checks_its_arguments():
     """The compiled kernel refuses buffers that do not match the sizes it is given (never writes out of bounds)."""
-    c = _c_kernel()
+    c = compiled_kernel("_cresize")
     src = np.zeros((4, 5, 3), np.uint8)
     dst = np.zeros((3, 8, 8), F)
     with pytest.raises(ValueError, match="src must hold"):
