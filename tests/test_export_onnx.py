@@ -299,6 +299,32 @@ def test_read_spec_without_metadata(tmp_path, tiny_proto):
         read_spec(tmp_path / "plain.onnx")
 
 
+
+def test_a_file_is_parsed_once_per_version(tmp_path, tiny_proto, monkeypatch):
+    """Runners, the INT8 warning and the precision check all read the same file: it is parsed once, and again
+    only when the file changes (here: rewritten in place, then replaced under the same name)."""
+    import darkconv.onnx_meta as meta
+
+    loads = []
+    real = meta.load_proto
+    monkeypatch.setattr(meta, "load_proto", lambda path: loads.append(path) or real(path))
+    meta._file_summary.cache_clear()
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny_proto, path)
+    spec = read_spec(path)
+    assert "darkconv.precision" not in meta.read_metadata(path) and meta.onnx_precision(path) == "fp32"
+    assert read_spec(str(path)) == spec and len(loads) == 1
+    changed = copy.deepcopy(tiny_proto)
+    changed.metadata_props.append(onnx.StringStringEntryProto(key="darkconv.precision", value="fp16"))
+    onnx.save(changed, path)                               # same name, new size or time
+    assert meta.onnx_precision(path) == "fp16" and len(loads) == 2
+    meta.read_metadata(path)["darkconv.precision"] = "int8"   # callers get a copy
+    assert meta.onnx_precision(path) == "fp16" and len(loads) == 2
+    path.unlink()
+    with pytest.raises(ExportError, match="cannot read"):
+        read_spec(path)
+
+
 # ------------------------------------------------------------------------------ FP32 numerics
 def test_fp32_yolov3_tiny_matches_torch(tiny_proto, default_torch_model, tiny_batch):
     ref = torch_heads(default_torch_model, tiny_batch)
