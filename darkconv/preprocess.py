@@ -138,8 +138,10 @@ def load_image(path, *, max_pixels: float | None = None) -> np.ndarray:
     from .native_stderr import run_captured
 
     buf = np.frombuffer(data, np.uint8)
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)     # OpenCV >= 4.10: the decoder writes RGB itself
+    flag = cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag
     try:
-        bgr, lines = run_captured(lambda: cv2.imdecode(buf, cv2.IMREAD_COLOR))
+        bgr, lines = run_captured(lambda: cv2.imdecode(buf, flag))
     except cv2.error as exc:  # e.g. above OpenCV's own OPENCV_IO_MAX_IMAGE_PIXELS
         raise ImageError(f"OpenCV cannot decode the file ({_one_line(str(exc))})", file=p) from None
     corrupt = [ln for ln in lines if ln.startswith(_CORRUPT)]
@@ -153,6 +155,8 @@ def load_image(path, *, max_pixels: float | None = None) -> np.ndarray:
 
         for ln in lines:
             warnings.warn(DarkconvWarning(f"{p}: {ln.strip()} (the image was decoded)"), stacklevel=2)
+    if rgb_flag is not None:                              # the same pixels as IMREAD_COLOR, in RGB order
+        return bgr
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # a byte swap, as [:, :, ::-1], 30x faster than numpy's copy
 
 

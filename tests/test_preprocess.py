@@ -349,6 +349,46 @@ def test_load_image_rgb(tmp_path):
     assert g.shape == (9, 13, 3) and np.all(g[..., 0] == g[..., 2])
 
 
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """``jpeg`` with an APP1 Exif segment holding only the Orientation tag (0x0112)."""
+    import struct
+
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1)
+    tiff += struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    app1 = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+@pytest.mark.parametrize("kind", ["jpeg-1", "jpeg-3", "jpeg-6", "jpeg-8", "png-grey", "png-alpha", "png-16bit",
+                                  "bmp"])
+def test_load_image_equals_darknets_opencv_loader(tmp_path, kind):
+    """The same pixels as Darknet's loader (``cv::imread(path, IMREAD_COLOR)``, then BGR -> RGB) whichever way
+    darkconv decodes (OpenCV >= 4.10 writes RGB directly): EXIF orientation applied, grey expanded, alpha
+    dropped, 16 bits scaled down."""
+    import cv2
+
+    rng = np.random.default_rng(len(kind))
+    im = cv2.GaussianBlur(rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8), (5, 5), 0)
+    path = tmp_path / ("x.jpg" if kind.startswith("jpeg") else f"x.{kind.split('-')[0]}")
+    if kind.startswith("jpeg"):
+        ok, enc = cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        path.write_bytes(_with_exif_orientation(enc.tobytes(), int(kind[-1])))
+    elif kind == "png-grey":
+        cv2.imwrite(str(path), im[:, :, 0])
+    elif kind == "png-alpha":
+        cv2.imwrite(str(path), np.dstack([im, im[:, :, :1]]))
+    elif kind == "png-16bit":
+        cv2.imwrite(str(path), im.astype(np.uint16) * 257 + 3)
+    else:
+        cv2.imwrite(str(path), im)
+    darknet = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    got = pp.load_image(path)
+    np.testing.assert_array_equal(got, darknet)
+    if kind in ("jpeg-6", "jpeg-8"):
+        assert got.shape == (53, 37, 3)                     # rotated by the orientation tag
+    assert got.flags.c_contiguous and got.dtype == np.uint8
+
 @pytest.mark.parametrize("content,reason", [
     (b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "cannot decode"),   # JPEG magic, garbage body
     (b"not an image at all", "cannot decode"),
