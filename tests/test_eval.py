@@ -224,3 +224,26 @@ def test_letterbox_override_reaches_pre_and_postprocessing(default_model, defaul
         want = postprocess(heads, spec, [(im.shape[1], im.shape[0])], thresh=0.005, nms=0.45, letterbox=True)[0]
         np.testing.assert_allclose(got.boxes, want.boxes, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(got.class_ids, want.class_ids)
+
+
+def test_gc_paused_restores_the_collector():
+    """The metrics run with the cyclic collector off; afterwards it is as the caller had it, even after an error."""
+    import gc
+
+    from darkconv.eval import _gc_paused
+
+    assert gc.isenabled()
+    with _gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError):
+        with _gc_paused():
+            raise KeyError("x")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _gc_paused():
+            pass
+        assert not gc.isenabled()                      # the caller's choice kept
+    finally:
+        gc.enable()
