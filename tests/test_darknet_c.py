@@ -3,7 +3,7 @@
 Set ``DARKNET_SRC`` to an AlexeyAB/darknet checkout (a work tree, or a bare git directory: its HEAD is
 read) and have ``gcc`` on PATH; without them these tests skip, saying so. Nothing of Darknet is
 shipped here: ``src/box.c`` (``do_nms_sort``, ``diounms_sort``, ``box_iou``/``box_diou``, with the C
-library's ``qsort``) is compiled as is, ``forward_maxpool_layer_avx`` is cut from ``src/gemm.c``
+library's ``qsort``) is compiled as is (and compared with both of darkconv's NMS kernels), ``forward_maxpool_layer_avx`` is cut from ``src/gemm.c``
 (its AVX definition, the first one) and compiled with ``-mavx``. Both at ``-O2`` and at Darknet's
 own ``-Ofast``.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compiled_kernel
 from test_postprocess import random_heads, tie_heads, yolo_spec
 
 from darkconv.graph.layers import MaxPool
@@ -112,9 +113,17 @@ def test_struct_layout_is_darknets():
     assert ctypes.sizeof(Det) == 88                           # > 32 bytes: glibc sorts it indirectly
 
 
+@pytest.mark.parametrize("nms_kernel", ["compiled", "numpy"])
 @pytest.mark.parametrize("opt", OPTS)
 @pytest.mark.parametrize("kind", ["default", "greedynms", "diounms"])
-def test_nms_equals_darknets_box_c(build, opt, kind):
+def test_nms_equals_darknets_box_c(build, opt, kind, nms_kernel, monkeypatch):
+    import darkconv.postprocess as pp
+
+    if nms_kernel == "compiled":                              # every case through darkconv._cnms, however large
+        monkeypatch.setattr(pp, "_C", compiled_kernel("_cnms"))
+        monkeypatch.setattr(pp, "_C_NMS_MAX_WORK", 1 << 62)
+    else:
+        monkeypatch.setattr(pp, "_C", None)
     lib = build[opt][0]
     ties = 0
     for seed in range(6):
