@@ -211,6 +211,95 @@ static PyObject *nms_keep(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Darknet's listing order of kept (box, class) pairs given in (box, class) order: boxes by before() for the last
+ * class (the order do_nms_sort's last sort leaves), then each box's classes ascending; rank[i] = pair i's place */
+static int pair_ranks(const float *probs, Py_ssize_t classes, const int64_t *box, Py_ssize_t m, int64_t *rank)
+{
+    Py_ssize_t runs = 0;                 /* the pairs of one box are one run: pairs come in (box, class) order */
+    for (Py_ssize_t i = 0; i < m; ++i)
+        runs += i == 0 || box[i] != box[i - 1];
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)(2 * (runs ? runs : 1)));
+    Py_ssize_t *start = malloc(sizeof(Py_ssize_t) * (size_t)(runs + 1));
+    if (!ids || !start) {
+        free(ids);
+        free(start);
+        return -1;
+    }
+    Py_ssize_t r = 0;
+    for (Py_ssize_t i = 0; i < m; ++i)
+        if (i == 0 || box[i] != box[i - 1]) {
+            start[r] = i;
+            ids[r++] = (int32_t)box[i];
+        }
+    start[runs] = m;
+    order_ctx o = {probs, classes, classes - 1};
+    sort_items(ids, ids + runs, runs, &o);
+    Py_ssize_t pos = 0;
+    for (Py_ssize_t k = 0; k < runs; ++k) {
+        Py_ssize_t lo = 0, hi = runs - 1;     /* the run of box ids[k]: runs are in increasing box order */
+        while (lo < hi) {
+            Py_ssize_t mid = (lo + hi) / 2;
+            if (box[start[mid]] < ids[k])
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        for (Py_ssize_t i = start[lo]; i < start[lo + 1]; ++i)
+            rank[i] = pos++;
+    }
+    free(ids);
+    free(start);
+    return 0;
+}
+
+PyDoc_STRVAR(pair_ranks_doc,
+"pair_ranks(probs, n, classes, box, cls, m, rank)\n--\n\n"
+"rank[i]: the place of kept pair (box[i], cls[i]) in the order Darknet lists detections after NMS (boxes as\n"
+"do_nms_sort's last per-class sort leaves them, then classes ascending). probs: C-contiguous float32 n x classes\n"
+"(pre-NMS); box, cls: C-contiguous int64 m, sorted by (box, class) without repeats; rank: writable int64 m.");
+
+static PyObject *pair_ranks_py(PyObject *self, PyObject *args)
+{
+    Py_buffer probs, box, cls, rank;
+    Py_ssize_t n, classes, m;
+    if (!PyArg_ParseTuple(args, "y*nny*y*nw*", &probs, &n, &classes, &box, &cls, &m, &rank))
+        return NULL;
+    const char *err = NULL;
+    if (n < 0 || classes < 0 || m < 0)
+        err = "sizes must not be negative";
+    else if (n > INT32_MAX || (classes && n > PY_SSIZE_T_MAX / 4 / classes)
+             || probs.len != n * classes * (Py_ssize_t)sizeof(float))
+        err = "probs must hold n * classes float32 (n < 2**31)";
+    else if (m > PY_SSIZE_T_MAX / 8 || box.len != m * 8 || cls.len != m * 8 || rank.len != m * 8)
+        err = "box, cls and rank must hold m int64";
+    else {
+        const int64_t *b = box.buf, *c = cls.buf;
+        for (Py_ssize_t i = 0; i < m && !err; ++i) {
+            if (b[i] < 0 || b[i] >= n || c[i] < 0 || c[i] >= classes)
+                err = "box and cls must index probs";
+            else if (i && (b[i] < b[i - 1] || (b[i] == b[i - 1] && c[i] <= c[i - 1])))
+                err = "pairs must be sorted by (box, class) without repeats";
+        }
+    }
+    int rc = 0;
+    if (!err) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = pair_ranks((const float *)probs.buf, classes, (const int64_t *)box.buf, m, (int64_t *)rank.buf);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&probs);
+    PyBuffer_Release(&box);
+    PyBuffer_Release(&cls);
+    PyBuffer_Release(&rank);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    if (rc)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(overlap_values_doc,
 "overlap_values(a, b, n, diou, exponent, out)\n--\n\n"
 "out[i] = the float32 box_iou (diou 0) or box_diou / box_diounms (diou 1) of boxes a[i] and b[i], as nms_keep\n"
@@ -252,6 +341,7 @@ static PyObject *overlap_values(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"nms_keep", nms_keep, METH_VARARGS, nms_keep_doc},
     {"overlap_values", overlap_values, METH_VARARGS, overlap_values_doc},
+    {"pair_ranks", pair_ranks_py, METH_VARARGS, pair_ranks_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -703,6 +703,17 @@ def darknet_rank(box_idx: np.ndarray, class_idx: np.ndarray, probs: np.ndarray) 
     return rank
 
 
+def _pair_ranks(box_idx: np.ndarray, class_idx: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """:func:`darknet_rank` of pairs in (box, class) order (what :func:`nms_keep` returns), compiled where built."""
+    if _C is None or box_idx.size == 0:
+        return darknet_rank(box_idx, class_idx, probs)
+    probs = np.ascontiguousarray(probs, _F32)
+    rank = np.empty(box_idx.size, np.int64)
+    _C.pair_ranks(probs, probs.shape[0], probs.shape[1], np.ascontiguousarray(box_idx, np.int64),
+                  np.ascontiguousarray(class_idx, np.int64), box_idx.size, rank)
+    return rank
+
+
 # =========================================================================== public API
 def postprocess(heads: Sequence[np.ndarray], spec: ModelSpec, image_sizes: Sequence[tuple[int, int]],
                 thresh: float = 0.25, nms: float = 0.45, letterbox: bool | None = None,
@@ -746,7 +757,7 @@ def _nms_detections(boxes, obj, probs, nms, kind, beta_nms, agnostic, max_det, c
         top.sort()
         bi, ci, scores = bi[top], ci[top], scores[top]
     # without NMS Darknet sorts nothing: candidate order (= rank None)
-    rank = darknet_rank(bi, ci, probs) if nms > 0 else None
+    rank = _pair_ranks(bi, ci, probs) if nms > 0 else None
     out_boxes = boxes[bi]
     if clip and out_boxes.size:
         l, r, t, b = (np.clip(v, _F32(0), _ONE) for v in _corners(out_boxes))

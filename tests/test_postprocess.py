@@ -847,3 +847,30 @@ def test_compiled_nms_checks_its_arguments():
         c.nms_keep(boxes, probs, 3, 2 ** 62, 0.45, False, 0.0, keep)
     with pytest.raises((ValueError, TypeError, BufferError)):
         c.nms_keep(np.zeros((3, 8), F)[:, ::2], probs, 3, 2, 0.45, False, 0.0, keep)   # not contiguous
+
+
+def test_compiled_pair_ranks_equal_darknet_rank():
+    """The compiled listing order (kept pairs in (box, class) order, as nms_keep returns them) is darknet_rank's
+    (checked against Darknet's sorts above), on random cases full of exact score ties; unsorted input is refused."""
+    import darkconv.postprocess as pp
+
+    c = compiled_kernel("_cnms")
+    rng = np.random.default_rng(77)
+    ties = 0
+    for trial in range(600):
+        boxes, probs = _random_nms_case(rng, trial)
+        bi, ci = pp.nms_keep(boxes, probs, (0.45, 0.6, 0.3)[trial % 3])
+        got = np.empty(bi.size, np.int64)
+        c.pair_ranks(probs, probs.shape[0], probs.shape[1], bi.astype(np.int64), ci.astype(np.int64), bi.size, got)
+        np.testing.assert_array_equal(got, pp.darknet_rank(bi, ci, probs), err_msg=str(trial))
+        kept = probs[np.unique(bi)]
+        ties += kept.shape[0] - np.unique(kept, axis=0).shape[0] if kept.size else 0
+    assert ties > 100                                                    # boxes whose whole rows tie: index order
+    probs = np.ones((3, 2), F)
+    rank = np.empty(2, np.int64)
+    with pytest.raises(ValueError, match="sorted"):
+        c.pair_ranks(probs, 3, 2, np.array([1, 0]), np.array([0, 0]), 2, rank)
+    with pytest.raises(ValueError, match="index probs"):
+        c.pair_ranks(probs, 3, 2, np.array([0, 3]), np.array([0, 0]), 2, rank)
+    with pytest.raises(ValueError, match="int64"):
+        c.pair_ranks(probs, 3, 2, np.array([0, 1]), np.array([0, 0]), 3, rank)
