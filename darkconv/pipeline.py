@@ -360,6 +360,13 @@ def _put(q, item, stop) -> bool:
     return False
 
 
+def _wait_until_at_most(q, n: int, stop) -> None:
+    """Block until ``q`` (a :class:`queue.Queue`) holds at most ``n`` items, or ``stop`` is set."""
+    with q.not_full:  # the Queue's condition on its own mutex, notified at every get; q.queue is its deque
+        while len(q.queue) > n and not stop.is_set():
+            q.not_full.wait(0.05)
+
+
 def _get(q, stop):
     while not stop.is_set():
         try:
@@ -380,7 +387,8 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
     stopped this frame (its preprocessing failed, or an :class:`InferenceError` in its batch).
 
     Threads: a feeder pulls frames (so a decoding iterator runs ahead) and hands them to ``workers``
-    preprocessing threads, writing straight into the batch array; inference runs up to ``lanes`` batches at
+    preprocessing threads, writing straight into the batch array (once the queue is full it is refilled in
+    bursts from half full, except for a live source); inference runs up to ``lanes`` batches at
     once, ``lanes`` being the smallest ``runner.concurrency`` (1: one batch at a time, in one thread); one
     thread postprocesses, in input order. Queues hold at most ``queue_size`` frames per stage, so an endless source and a slow
     consumer cost bounded memory. Closing the generator (or an exception, or Ctrl-C) stops and joins every
@@ -452,6 +460,10 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
             return e
         return (int(im.shape[1]), int(im.shape[0]))
 
+    # files and videos: once the queue is full, refill it when half of it is left, so the preprocessing worker
+    # decodes a few frames per wake-up instead of preempting inference once per frame (its caches with it: 3-4 %
+    # more images/s on 2 cores). A live source refills as soon as there is room: its newest frame is wanted.
+    refill = per_stage - 1 if getattr(frames, "live", False) else per_stage // 2
     pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="darkconv-stream-pre")
     lane_pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="darkconv-stream-infer") if lanes > 1 else None
 
@@ -477,6 +489,8 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
                     if not _put(q_pre, (x, chunk), stop):
                         return
                     chunk, x = [], None
+                    if refill < per_stage and q_pre.full():
+                        _wait_until_at_most(q_pre, refill, stop)
             if chunk:
                 _put(q_pre, (x, chunk), stop)
             _put(q_pre, _DONE, stop)

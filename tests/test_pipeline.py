@@ -289,3 +289,76 @@ def test_lanes_option_checked(default_onnx, default_model):
     assert default_lanes("onnxruntime", threads=2) == 2 and default_lanes("onnxruntime", threads=4) == 4
     assert default_lanes("onnxruntime", threads=16) == 1      # the calls would share one session's pool
     assert default_lanes("onnxruntime", threads=4, batches=1) == 1 and default_lanes("ort", threads=3, batches=2) == 2
+
+
+class Counting:
+    """A real runner whose calls take at least 15 ms and are counted."""
+
+    def __init__(self, runner):
+        self.runner, self.spec, self.concurrency, self.calls = runner, runner.spec, 1, 0
+
+    def describe(self):
+        return "counting"
+
+    def infer(self, batch):
+        time.sleep(0.015)
+        out = self.runner.infer(batch)
+        self.calls += 1
+        return out
+
+
+class Pulls:
+    """A source of small frames that records, at every frame taken, how many inference calls had finished."""
+
+    def __init__(self, images, runner, n, live=False):
+        self.images, self.runner, self.n, self.live, self.at = images, runner, n, live, []
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.at.append(self.runner.calls)
+            yield Frame(i, str(i), self.images[i % 3][:64, :80])
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_files_refill_the_queue_in_bursts_a_live_source_at_once(runner, images, live):
+    """Once the queue is full, frames from files are taken in bursts (half the queue at a time: the preprocessing
+    worker wakes once per few frames, not once per frame); a live source's frames one per free slot."""
+    counting = Counting(runner)
+    src = Pulls(images, counting, 40, live=live)
+    out = list(stream_detect(counting, src, batch=1, queue_size=8, workers=1))
+    assert [f.index for f, _ in out] == list(range(40))
+    steady = src.at[16:32]                      # after the first fill, before the source runs dry
+    groups = len(set(steady))                   # frames taken between the same two inference calls: one burst
+    if live:
+        assert groups >= 12, steady
+    else:
+        assert groups <= 6, steady
+    assert not stream_threads()
+
+
+def test_wait_until_at_most_returns_on_drain_and_on_stop():
+    import queue as queue_mod
+
+    from darkconv.pipeline import _wait_until_at_most
+
+    q = queue_mod.Queue(4)
+    for i in range(4):
+        q.put(i)
+    stop = threading.Event()
+
+    def drain():
+        for _ in range(3):
+            time.sleep(0.02)
+            q.get()
+
+    th = threading.Thread(target=drain)
+    th.start()
+    t0 = time.perf_counter()
+    _wait_until_at_most(q, 1, stop)
+    assert q.qsize() <= 1 and time.perf_counter() - t0 >= 0.05
+    th.join()
+    q.put(9)
+    q.put(9)
+    threading.Timer(0.05, stop.set).start()
+    _wait_until_at_most(q, 0, stop)             # never drained: returns once stop is set
+    assert stop.is_set() and q.qsize() == 3
