@@ -1,8 +1,9 @@
 """What the throughput benchmarks (bench_e2e.py, bench_eval.py) share: the exclusive CPU lock, the machine's
-``lscpu`` line, and pure inference measured the two ways a CPU runs it (one call on every thread, or one
-single-threaded call per lane at once), so that a pipeline is compared with the best of both."""
+``lscpu`` line and the host's steal time, pure inference measured the two ways a CPU runs it (one call on every
+thread, or one single-threaded call per lane at once), and how a pipeline is compared with it."""
 from __future__ import annotations
 
+import statistics
 import subprocess
 import threading
 import time
@@ -85,10 +86,33 @@ def best(rounds, key="images_per_s") -> float:
     return max(r[key] for r in rounds)
 
 
-def round_ratios(rounds, *baselines, key="images_per_s") -> tuple[float, float, float]:
-    """(min, median, max) over the rounds of ``rounds[k] / max(baseline[k] ...)``: the ratio within each round,
-    whose measurements ran back to back (the best-of-rounds ratio pairs two different rounds)."""
-    import statistics
+def baseline_key(m: dict, keys=("pure_1", "pure_lanes")) -> str:
+    """The pure-inference configuration a pipeline is compared with: the one with the higher median over the rounds.
 
-    r = [x[key] / max(b[k]["images_per_s"] for b in baselines) for k, x in enumerate(rounds)]
-    return min(r), statistics.median(r), max(r)
+    Taking the better of both per round (or the better of both best rounds) would compare the pipeline's one
+    measurement with the maximum of two noisy ones, a bias against the pipeline about the size of the noise
+    (+-5 % between runs on a shared 2-core VM)."""
+    return max(keys, key=lambda k: statistics.median(r["images_per_s"] for r in m[k]))
+
+
+def paired(rounds, baseline, key="images_per_s") -> dict:
+    """``rounds[k][key] / baseline[k]["images_per_s"]`` for each round k, the two measured back to back (slow
+    drifts of a shared machine cancel out): their median, min, max and the list."""
+    r = [x[key] / b["images_per_s"] for x, b in zip(rounds, baseline)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r), "per_round": r}
+
+
+def host_cpu() -> tuple[int, int]:
+    """(steal, total) jiffies of the whole machine from /proc/stat ((0, 0) where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (v[7] if len(v) > 7 else 0), sum(v[:8])
+
+
+def steal_share(start: tuple[int, int], end: tuple[int, int]) -> float | None:
+    """The share of this VM's CPU time the hypervisor gave to others between two :func:`host_cpu` readings."""
+    total = end[1] - start[1]
+    return (end[0] - start[0]) / total if total > 0 else None

@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import darkconv  # noqa: E402
-from _common import GOAL, best, cpu_lock, lscpu_flags, pure_inference, round_ratios  # noqa: E402
+from _common import (GOAL, baseline_key, best, cpu_lock, host_cpu, lscpu_flags, paired, pure_inference,  # noqa: E402
+                     steal_share)
 from darkconv import preprocess  # noqa: E402
 from darkconv.bench import environment  # noqa: E402
 from darkconv.pipeline import DATA, default_lanes, default_workers, detect_arrays, open_runner, stream_detect  # noqa: E402
@@ -147,6 +148,7 @@ def main(argv=None):
     with lock, open_runner(onnx, threads=threads) as one, open_runner(onnx, threads=threads, lanes=lanes) as many:
         print(f"CPU lock: {lock.state}; load average {os.getloadavg()}; resize kernel {preprocess.kernel()}; "
               f"{lanes} lanes", flush=True)
+        cpu0 = host_cpu()
         for b in (int(v) for v in args.batches.split(",")):
             x = fixed_batch(one.spec, b)
             m = {k: [] for k in ("pure_1", "pure_lanes", "stream_lanes", "stream_1", "sequential")}
@@ -159,62 +161,84 @@ def main(argv=None):
                     m["sequential"].append(sequential(one, files))
                 print(f"batch {b} round {k + 1}: " + ", ".join(f"{key} {v[-1]['images_per_s']:.1f}"
                                                              for key, v in m.items() if v) + " img/s", flush=True)
-            base = max(best(m["pure_1"]), best(m["pure_lanes"]))
-            rows.append({"batch": b, "lanes": lanes, "workers": default_workers(), **m,
-                         "baseline_images_per_s": base, "ratio": best(m["stream_lanes"]) / base,
-                         "ratio_one_lane": best(m["stream_1"]) / base,
-                         "ratio_sequential": best(m["sequential"]) / base if m["sequential"] else None})
+            rows.append({"batch": b, "lanes": lanes, "workers": default_workers(), **m, **figures(m)})
+        steal = steal_share(cpu0, host_cpu())
     env = environment(None)
     sizes = sorted({load_image(p).shape[:2] for p in files[:24]})
     result = {"schema": "darkconv.bench_e2e/2", "images": args.images, "folder": str(folder),
               "model": "yolov3-tiny (COCO, FP32 ONNX) on onnxruntime", "inference_threads": args.threads or "all",
               "lanes": lanes, "rounds": args.rounds, "sizes": [list(sizes[0]), list(sizes[-1])],
               "resize_kernel": preprocess.kernel(), "goal": GOAL, "rows": rows, "environment": env,
-              "lscpu": lscpu_flags(), "cpu_lock": lock.state, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "lscpu": lscpu_flags(), "cpu_lock": lock.state, "host_steal": steal,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_e2e.json").write_text(json.dumps(result, indent=1) + "\n")
     write_report(result, out)
 
 
+def figures(m: dict) -> dict:
+    """The ratios of one batch size from its rounds. Headline: the median over the rounds of the stream's images/s
+    over the baseline configuration's (:func:`_common.baseline_key`) in the same round."""
+    key = baseline_key(m)
+    base = best(m[key])
+    return {"baseline": key, "baseline_images_per_s": base, "paired": paired(m["stream_lanes"], m[key]),
+            "paired_one_lane": paired(m["stream_1"], m[key]),
+            "paired_sequential": paired(m["sequential"], m[key]) if m["sequential"] else None,
+            "ratio": best(m["stream_lanes"]) / base,
+            "ratio_best_of_both": best(m["stream_lanes"]) / max(best(m["pure_1"]), best(m["pure_lanes"])),
+            "ratio_one_lane": best(m["stream_1"]) / base,
+            "ratio_sequential": best(m["sequential"]) / base if m["sequential"] else None}
+
+
 def write_report(result: dict, out: Path) -> None:
-    """``bench_e2e.md`` from the results (``--from-json`` writes it again from a saved JSON)."""
+    """``bench_e2e.md`` from the results (``--from-json`` writes it again from a saved JSON, also an older one)."""
     env, rows = result["environment"], result["rows"]
     (h0, w0), (h1, w1) = result["sizes"]
+    steal = result.get("host_steal")
 
     def fig(rounds):
         r = max(rounds, key=lambda x: x["images_per_s"])
         return f"{r['images_per_s']:.1f} ({r['cpu_ms_per_image']:.1f})"
 
+    def pr(p):
+        return f"{p['median']:.3f} ({p['min']:.2f} - {p['max']:.2f})" if p else "-"
+
     lines = [f"# detect on a folder vs pure inference ({result['time']})", "",
              f"Machine: {env['cpu_model']}, {env['cpu_cores']} cores, SIMD {', '.join(env['cpu_features'])}; "
-             f"load average at the end {env['load_avg_1_5_15']}; onnxruntime {env['versions']['onnxruntime']}.",
+             f"load average at the end {env['load_avg_1_5_15']}; onnxruntime {env['versions']['onnxruntime']}"
+             + (f"; the host took {steal * 100:.1f} % of this VM's CPU time during the run (steal)" if steal is not None
+                else "") + ".",
              f"lscpu: {result['lscpu']}", f"CPU lock: {result['cpu_lock']}.", "",
              f"{result['images']} JPEGs (bundled samples scaled 0.5-1.6x per axis, e.g. {w0}x{h0} to {w1}x{h1}), "
              f"yolov3-tiny FP32 ONNX on onnxruntime, inference threads {result['inference_threads']}, resize kernel "
              f"`{result['resize_kernel']}`. Two runners: one lane on every thread, and {result['lanes']} lanes of one "
              "thread each (`darkconv detect`'s default on files). Pure inference: `runner.infer` on a fixed "
-             "preprocessed batch (the lanes runner called from one thread per lane); the baseline is the better of "
-             "the two. Stream: `pipeline.stream_detect` over the files (decode + exact Darknet resize in the "
-             "preprocessing worker, inference, postprocessing at thresh 0.25, every result consumed). Sequential: "
-             f"decode, preprocess, infer, postprocess one image after the other. {result['rounds']} interleaved "
-             "rounds; images/s of the best round of each, with process CPU ms per image in brackets; *within rounds*: "
-             "min / median / max over the rounds of the stream's images/s over the better pure inference of the same "
-             "round.", "",
-             "| batch | pure inference, 1 lane | pure inference, lanes | stream, lanes | ratio (best rounds) | within "
-             "rounds | stream, 1 lane | ratio | sequential | ratio | decode / preprocess / inference / postprocess ms "
-             f"per image (stream, lanes) | goal >= {result['goal']} |",
+             "preprocessed batch (the lanes runner called from one thread per lane); the baseline is the configuration "
+             "with the higher median over the rounds. Stream: `pipeline.stream_detect` over the files (decode + exact "
+             "Darknet resize in the preprocessing worker, inference, postprocessing at thresh 0.25, every result "
+             "consumed). Sequential: decode, preprocess, infer, postprocess one image after the other. "
+             f"{result['rounds']} interleaved rounds; images/s of the best round of each, with process CPU ms per image "
+             "in brackets. **Paired ratio** (the headline): the median over the rounds of the stream's images/s over "
+             "the baseline's in the same round, measured back to back (min - max in brackets). Best rounds: the best "
+             "round over the baseline's best round; the last column compares it with the better of both "
+             "configurations' best rounds instead, a maximum over twice as many noisy measurements (the statistic of "
+             "earlier records).", "",
+             "| batch | pure inference, 1 lane | pure inference, lanes | baseline | stream, lanes | **paired ratio** | "
+             "best rounds | stream, 1 lane: paired ratio | sequential: paired ratio | decode / preprocess / inference / "
+             f"postprocess ms per image (stream, lanes) | goal >= {result['goal']} | vs the better of both best rounds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        f = figures(r)
         bs = max(r["stream_lanes"], key=lambda x: x["images_per_s"])
         s = bs["stages_ms_per_image"]
-        seq = f"{fig(r['sequential'])} | {r['ratio_sequential']:.2f}" if r["sequential"] else "- | -"
-        lo, mid, hi = round_ratios(r["stream_lanes"], r["pure_1"], r["pure_lanes"])
-        lines.append(f"| {r['batch']} | {fig(r['pure_1'])} | {fig(r['pure_lanes'])} | {fig(r['stream_lanes'])} | "
-                     f"**{r['ratio']:.3f}** | {lo:.2f} / {mid:.2f} / {hi:.2f} | {fig(r['stream_1'])} | "
-                     f"{r['ratio_one_lane']:.2f} | {seq} | "
+        lines.append(f"| {r['batch']} | {fig(r['pure_1'])} | {fig(r['pure_lanes'])} | "
+                     f"{'lanes' if f['baseline'] == 'pure_lanes' else '1 lane'} | {fig(r['stream_lanes'])} | "
+                     f"**{pr(f['paired'])}** | {f['ratio']:.3f} | {pr(f['paired_one_lane'])} | "
+                     f"{pr(f['paired_sequential'])} | "
                      f"{s['decode']:.1f} / {s['preprocess']:.1f} / {s['inference']:.1f} / {s['postprocess']:.1f} | "
-                     f"{'met' if r['ratio'] >= result['goal'] else 'missed'} |")
+                     f"{'met' if f['paired']['median'] >= result['goal'] else 'missed'} | "
+                     f"{f['ratio_best_of_both']:.3f} |")
     lines += ["", "Stage times are summed over threads that overlap (inference over the lanes), so they do not add up "
               "to the wall time. The difference in CPU ms per image between the stream and pure inference is what "
               "decoding, resizing, postprocessing and the pipeline cost; on a machine whose cores inference already "

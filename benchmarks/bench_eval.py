@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import darkconv  # noqa: E402
-from _common import GOAL, best, cpu_lock, lscpu_flags, pure_inference, round_ratios  # noqa: E402
+from _common import (GOAL, baseline_key, best, cpu_lock, host_cpu, lscpu_flags, paired, pure_inference,  # noqa: E402
+                     steal_share)
 from darkconv import preprocess  # noqa: E402
 from darkconv.bench import environment  # noqa: E402
 from darkconv.datasets import read_label_file  # noqa: E402
@@ -124,6 +125,7 @@ def main(argv=None):
     lock = cpu_lock(args.lock_wait).__enter__()
     print(f"CPU lock: {lock.state}; load average {os.getloadavg()}; resize kernel {preprocess.kernel()}; "
           f"{lanes} lanes", flush=True)
+    cpu0 = host_cpu()
     for b in (int(v) for v in args.batches.split(",")):
         m = {k: [] for k in ("pure_1", "pure_lanes", "eval_lanes", "eval_1")}
         for k in range(args.rounds):
@@ -135,65 +137,92 @@ def main(argv=None):
                   f"{m['pure_lanes'][-1]['images_per_s']:.1f} ({lanes} lanes) img/s, eval "
                   f"{m['eval_lanes'][-1]['images_per_s']:.1f} (whole call {m['eval_lanes'][-1]['images_per_s_total']:.1f}) "
                   f"/ one lane {m['eval_1'][-1]['images_per_s']:.1f} img/s", flush=True)
-        base = max(best(m["pure_1"]), best(m["pure_lanes"]))
-        rows.append({"batch": b, "lanes": lanes, **m, "baseline_images_per_s": base,
-                     "ratio": best(m["eval_lanes"]) / base,
-                     "ratio_total": best(m["eval_lanes"], "images_per_s_total") / base,
-                     "ratio_one_lane": best(m["eval_1"]) / base,
-                     "ratio_one_lane_total": best(m["eval_1"], "images_per_s_total") / base})
+        rows.append({"batch": b, "lanes": lanes, **m, **figures(m)})
+    steal = steal_share(cpu0, host_cpu())
     lock.__exit__(None, None, None)
     env = environment(None)
     result = {"cpu_lock": lock.state, "lscpu": lscpu_flags(), "schema": "darkconv.bench_eval/2", "images": args.images,
               "folder": str(folder), "model": "yolov3-tiny (COCO, FP32 ONNX) on onnxruntime", "lanes": lanes,
               "inference_threads": args.threads or "all", "rounds": args.rounds, "resize_kernel": preprocess.kernel(),
-              "goal": GOAL, "rows": rows, "environment": env, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "goal": GOAL, "rows": rows, "environment": env, "host_steal": steal,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_eval.json").write_text(json.dumps(result, indent=1) + "\n")
     write_report(result, out)
 
 
+def figures(m: dict) -> dict:
+    """The ratios of one batch size from its rounds. Headline: the median over the rounds of eval's images/s over
+    the baseline configuration's (:func:`_common.baseline_key`) in the same round."""
+    key = baseline_key(m)
+    base = best(m[key])
+    return {"baseline": key, "baseline_images_per_s": base,
+            "paired": paired(m["eval_lanes"], m[key]),
+            "paired_total": paired(m["eval_lanes"], m[key], "images_per_s_total"),
+            "paired_one_lane": paired(m["eval_1"], m[key]),
+            "ratio": best(m["eval_lanes"]) / base,
+            "ratio_total": best(m["eval_lanes"], "images_per_s_total") / base,
+            "ratio_best_of_both": best(m["eval_lanes"]) / max(best(m["pure_1"]), best(m["pure_lanes"])),
+            "ratio_one_lane": best(m["eval_1"]) / base,
+            "ratio_one_lane_total": best(m["eval_1"], "images_per_s_total") / base}
+
+
+def _series(rounds) -> str:
+    return ", ".join(f"{x['images_per_s']:.1f}" for x in rounds)
+
+
 def write_report(result: dict, out: Path) -> None:
-    """``bench_eval.md`` from the results (``--from-json`` writes it again from a saved JSON)."""
+    """``bench_eval.md`` from the results (``--from-json`` writes it again from a saved JSON, also an older one)."""
     env, rows, goal_ = result["environment"], result["rows"], result["goal"]
+    steal = result.get("host_steal")
     lines = [f"# darkconv eval vs pure inference ({result['time']})", "",
              f"Machine: {env['cpu_model']}, {env['cpu_cores']} cores, SIMD {', '.join(env['cpu_features'])}; "
-             f"load average at the end {env['load_avg_1_5_15']}; onnxruntime {env['versions']['onnxruntime']}.",
+             f"load average at the end {env['load_avg_1_5_15']}; onnxruntime {env['versions']['onnxruntime']}"
+             + (f"; the host took {steal * 100:.1f} % of this VM's CPU time during the run (steal)" if steal is not None
+                else "") + ".",
              f"lscpu: {result['lscpu']}", f"CPU lock: {result['cpu_lock']}.", "",
              f"{result['images']} JPEGs (bundled samples resized 0.6-1.4x, half mirrored, with YOLO labels), "
              f"yolov3-tiny FP32 ONNX on onnxruntime, inference threads {result['inference_threads']}, resize kernel "
              f"`{result['resize_kernel']}`. Pure inference: `runner.infer` on a fixed preprocessed batch, on one lane "
-             f"with every thread and on {result['lanes']} lanes of one thread each; the baseline is the better of the "
-             "two. Eval: `darkconv.evaluate` (decode + Darknet preprocessing in `pipeline.stream_runs` workers "
-             "overlapped with inference, both postprocessor settings from one decode, Darknet mAP, COCO metrics) with "
-             "its default lanes and with one lane; the detection loop, and the whole call (model load, mAP, COCO "
-             f"metrics). {result['rounds']} interleaved rounds: images/s of the best round of each; *within rounds*: "
-             "min / median / max over the rounds of the eval's detection-loop images/s over the better pure inference "
-             "of the same round.", "",
-             "| batch | pure inference img/s, 1 lane / lanes | eval img/s, detection loop | ratio (best rounds) | "
-             "within rounds | whole call | ratio | eval one lane: loop / whole call | ratios | decode / preprocess / "
-             f"inference / postprocess ms per image (eval) | goal >= {goal_} |",
+             f"with every thread and on {result['lanes']} lanes of one thread each; the baseline is the configuration "
+             "with the higher median over the rounds. Eval: `darkconv.evaluate` (decode + Darknet preprocessing in "
+             "`pipeline.stream_runs` workers overlapped with inference, both postprocessor settings from one decode, "
+             "Darknet mAP, COCO metrics) with its default lanes and with one lane; the detection loop, and the whole "
+             f"call (model load, mAP, COCO metrics). {result['rounds']} interleaved rounds. **Paired ratio** (the "
+             "headline): the median over the rounds of eval's images/s over the baseline's in the same round, measured "
+             "back to back (min - max in brackets). Best rounds: the best round of eval over the best round of the "
+             "baseline; the last column compares it with the better of both configurations' best rounds instead, a "
+             "maximum over twice as many noisy measurements (the statistic of earlier records).", "",
+             "| batch | pure inference img/s (best), 1 lane / lanes | baseline | eval img/s, detection loop (best) | "
+             "**paired ratio, detection loop** | paired ratio, whole call | eval one lane: paired ratio | best rounds: "
+             "loop / whole call | decode / preprocess / inference / postprocess ms per image (eval) | "
+             f"goal >= {goal_} | loop vs the better of both best rounds |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        f = figures(r)
         be = max(r["eval_lanes"], key=lambda x: x["images_per_s"])
         st = be["stages_ms_per_image"]
-        goal = ("met" if r["ratio_total"] >= goal_ else "met (detection loop), missed (whole call)"
-                if r["ratio"] >= goal_ else "missed")
-        lo, mid, hi = round_ratios(r["eval_lanes"], r["pure_1"], r["pure_lanes"])
+        loop, total, one = f["paired"], f["paired_total"], f["paired_one_lane"]
+        goal = ("met" if total["median"] >= goal_ else "met (detection loop), missed (whole call)"
+                if loop["median"] >= goal_ else "missed")
         lines.append(f"| {r['batch']} | {best(r['pure_1']):.1f} / {best(r['pure_lanes']):.1f} | "
-                     f"{be['images_per_s']:.1f} | **{r['ratio']:.3f}** | {lo:.2f} / {mid:.2f} / {hi:.2f} | "
-                     f"{best(r['eval_lanes'], 'images_per_s_total'):.1f} | **{r['ratio_total']:.3f}** | "
-                     f"{best(r['eval_1']):.1f} / {best(r['eval_1'], 'images_per_s_total'):.1f} | "
-                     f"{r['ratio_one_lane']:.2f} / {r['ratio_one_lane_total']:.2f} | "
+                     f"{'lanes' if f['baseline'] == 'pure_lanes' else '1 lane'} | {be['images_per_s']:.1f} | "
+                     f"**{loop['median']:.3f}** ({loop['min']:.2f} - {loop['max']:.2f}) | "
+                     f"{total['median']:.3f} ({total['min']:.2f} - {total['max']:.2f}) | {one['median']:.2f} | "
+                     f"{f['ratio']:.3f} / {f['ratio_total']:.3f} | "
                      f"{st['decode']:.1f} / {st['preprocess']:.1f} / {st['inference']:.1f} / {st['postprocess']:.1f} | "
-                     f"{goal} |")
+                     f"{goal} | {f['ratio_best_of_both']:.3f} |")
     be = rows[0]["eval_lanes"][0]
     post = sorted((e["load_s"], e["map_s"], e["coco_s"]) for r in rows for e in r["eval_lanes"])[len(rows) // 2]
     lines += ["", f"Figures of the run: Darknet mAP@0.50 {be['map'] * 100:.2f} % (80 classes), over the classes with "
               f"objects {be['map_gt'] * 100:.2f} %, COCO AP {be['coco_ap'] * 100:.2f} % (the same in every run). "
               "Stage times overlap (decode and preprocessing run in worker threads, inference in lanes), so they do "
               f"not add up to the wall time. Outside the detection loop (a typical run): model load {post[0]:.2f} s, "
-              f"Darknet mAP {post[1]:.2f} s, COCO metrics {post[2]:.2f} s, on one core.", ""]
+              f"Darknet mAP {post[1]:.2f} s, COCO metrics {post[2]:.2f} s, on one core.", "",
+              "Per round (images/s): " + "; ".join(
+                  f"batch {r['batch']}: pure 1 lane {_series(r['pure_1'])} | pure lanes {_series(r['pure_lanes'])} | "
+                  f"eval {_series(r['eval_lanes'])}" for r in rows) + ".", ""]
     (out / "bench_eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
