@@ -16,6 +16,7 @@ import pytest
 
 from darkconv.errors import DarkconvError, InferenceError
 from darkconv.pipeline import Timings, batch_limits, detect_arrays, open_runner, stream_detect
+from darkconv.preprocess import preprocess
 
 
 @dataclass
@@ -211,10 +212,10 @@ class Recording:
     """A real runner that takes ``concurrency`` calls at once, each held a random time: records how many
     calls ran at the same moment (the pipeline must use the lanes and still give results in input order)."""
 
-    def __init__(self, runner, fail=()):
+    def __init__(self, runner, fail=None):
         self.runner, self.spec, self.concurrency = runner, runner.spec, runner.concurrency
         self.active = self.most = self.calls = 0
-        self.fail = set(fail)
+        self.fail = fail                          # fail(batch) -> True: this call raises InferenceError
         self.lock = threading.Lock()
 
     def describe(self):
@@ -228,7 +229,7 @@ class Recording:
             self.most = max(self.most, self.active)
         try:
             time.sleep(random.uniform(0.005, 0.04))  # a later batch often finishes first
-            if call in self.fail:
+            if self.fail is not None and self.fail(batch):
                 raise InferenceError("the server went away")
             return self.runner.infer(batch)
         finally:
@@ -251,7 +252,10 @@ def test_lanes_infer_batches_at_once_results_in_input_order(default_onnx, images
         for f, det in out:
             same(det, reference[f.index])        # a single-threaded call gives the same numbers
         assert rec.most == lanes
-        failing = Recording(r, fail={2})         # batch 2 (frames 2, 3) fails alone, the others go on
+        # the batch of frames 2 and 3 fails alone, the others go on (known by its pixels: with lanes, calls start
+        # in any order)
+        frame2 = preprocess(images[2], (r.spec.width, r.spec.height), r.spec.letter_box)
+        failing = Recording(r, fail=lambda batch: np.array_equal(batch[0], frame2))
         out = list(stream_detect(failing, [Frame(i, str(i), im) for i, im in enumerate(images)], batch=2))
         assert [f.index for f, _ in out] == list(range(len(images)))
         for f, det in out:
