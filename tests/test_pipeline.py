@@ -296,7 +296,7 @@ def test_lanes_option_checked(default_onnx, default_model):
 
 
 class Counting:
-    """A real runner whose calls take at least 15 ms and are counted."""
+    """A real runner whose calls take at least 30 ms and are counted."""
 
     def __init__(self, runner):
         self.runner, self.spec, self.concurrency, self.calls = runner, runner.spec, 1, 0
@@ -305,7 +305,7 @@ class Counting:
         return "counting"
 
     def infer(self, batch):
-        time.sleep(0.015)
+        time.sleep(0.03)
         out = self.runner.infer(batch)
         self.calls += 1
         return out
@@ -333,10 +333,10 @@ def test_files_refill_the_queue_in_bursts_a_live_source_at_once(runner, images, 
     assert [f.index for f, _ in out] == list(range(40))
     steady = src.at[16:32]                      # after the first fill, before the source runs dry
     groups = len(set(steady))                   # frames taken between the same two inference calls: one burst
-    if live:
-        assert groups >= 12, steady
-    else:
-        assert groups <= 6, steady
+    if live:                                    # one per call (16), a few merged where a thread ran late
+        assert groups >= 10, steady
+    else:                                       # bursts of 4 (4 groups), a few split where a thread ran late
+        assert groups <= 7, steady
     assert not stream_threads()
 
 
