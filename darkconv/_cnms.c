@@ -165,6 +165,18 @@ static int nms(const float *boxes, const float *probs, Py_ssize_t n, Py_ssize_t 
     return 0;
 }
 
+/* how every entry point ends: the ValueError of a failed argument check, a MemoryError, or None */
+static PyObject *finish(const char *err, int rc)
+{
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    if (rc)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(nms_keep_doc,
 "nms_keep(boxes, probs, n, classes, thr, diou, exponent, keep)\n--\n\n"
 "Darknet's per-class greedy NMS: keep[i, c] = 1 iff probs[i, c] != 0 and no kept pair ranked before it in\n"
@@ -202,13 +214,7 @@ static PyObject *nms_keep(PyObject *self, PyObject *args)
     PyBuffer_Release(&boxes);
     PyBuffer_Release(&probs);
     PyBuffer_Release(&keep);
-    if (err) {
-        PyErr_SetString(PyExc_ValueError, err);
-        return NULL;
-    }
-    if (rc)
-        return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return finish(err, rc);
 }
 
 /* Darknet's listing order of kept (box, class) pairs given in (box, class) order: boxes by before() for the last
@@ -291,13 +297,7 @@ static PyObject *pair_ranks_py(PyObject *self, PyObject *args)
     PyBuffer_Release(&box);
     PyBuffer_Release(&cls);
     PyBuffer_Release(&rank);
-    if (err) {
-        PyErr_SetString(PyExc_ValueError, err);
-        return NULL;
-    }
-    if (rc)
-        return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return finish(err, rc);
 }
 
 PyDoc_STRVAR(overlap_values_doc,
@@ -331,11 +331,7 @@ static PyObject *overlap_values(PyObject *self, PyObject *args)
     PyBuffer_Release(&a);
     PyBuffer_Release(&b);
     PyBuffer_Release(&out);
-    if (err) {
-        PyErr_SetString(PyExc_ValueError, err);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return finish(err, 0);
 }
 
 static PyMethodDef methods[] = {
