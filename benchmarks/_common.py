@@ -116,3 +116,19 @@ def steal_share(start: tuple[int, int], end: tuple[int, int]) -> float | None:
     """The share of this VM's CPU time the hypervisor gave to others between two :func:`host_cpu` readings."""
     total = end[1] - start[1]
     return (end[0] - start[0]) / total if total > 0 else None
+
+
+def machine_lines(result: dict) -> list[str]:
+    """A report's lines on where it ran: CPU, load, onnxruntime, the host's steal (where recorded), lscpu, lock."""
+    env, steal = result["environment"], result.get("host_steal")
+    return [f"Machine: {env['cpu_model']}, {env['cpu_cores']} cores, SIMD {', '.join(env['cpu_features'])}; "
+            f"load average at the end {env['load_avg_1_5_15']}; onnxruntime {env['versions']['onnxruntime']}"
+            + (f"; the host took {steal * 100:.1f} % of this VM's CPU time during the run (steal)" if steal is not None
+               else "") + ".",
+            f"lscpu: {result['lscpu']}", f"CPU lock: {result['cpu_lock']}."]
+
+
+def paired_text(p: dict | None) -> str:
+    """A :func:`paired` result as ``median (min - max)``."""
+    return f"{p['median']:.3f} ({p['min']:.2f} - {p['max']:.2f})" if p else "-"
+

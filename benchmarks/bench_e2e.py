@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import darkconv  # noqa: E402
-from _common import (GOAL, baseline_key, best, cpu_lock, host_cpu, lscpu_flags, paired, pure_inference,  # noqa: E402
-                     steal_share)
+from _common import (GOAL, baseline_key, best, cpu_lock, host_cpu, lscpu_flags, machine_lines, paired,  # noqa: E402
+                     paired_text, pure_inference, steal_share)
 from darkconv import preprocess  # noqa: E402
 from darkconv.bench import environment  # noqa: E402
 from darkconv.pipeline import DATA, default_lanes, default_workers, detect_arrays, open_runner, stream_detect  # noqa: E402
@@ -193,23 +193,14 @@ def figures(m: dict) -> dict:
 
 def write_report(result: dict, out: Path) -> None:
     """``bench_e2e.md`` from the results (``--from-json`` writes it again from a saved JSON, also an older one)."""
-    env, rows = result["environment"], result["rows"]
+    rows = result["rows"]
     (h0, w0), (h1, w1) = result["sizes"]
-    steal = result.get("host_steal")
 
     def fig(rounds):
         r = max(rounds, key=lambda x: x["images_per_s"])
         return f"{r['images_per_s']:.1f} ({r['cpu_ms_per_image']:.1f})"
 
-    def pr(p):
-        return f"{p['median']:.3f} ({p['min']:.2f} - {p['max']:.2f})" if p else "-"
-
-    lines = [f"# detect on a folder vs pure inference ({result['time']})", "",
-             f"Machine: {env['cpu_model']}, {env['cpu_cores']} cores, SIMD {', '.join(env['cpu_features'])}; "
-             f"load average at the end {env['load_avg_1_5_15']}; onnxruntime {env['versions']['onnxruntime']}"
-             + (f"; the host took {steal * 100:.1f} % of this VM's CPU time during the run (steal)" if steal is not None
-                else "") + ".",
-             f"lscpu: {result['lscpu']}", f"CPU lock: {result['cpu_lock']}.", "",
+    lines = [f"# detect on a folder vs pure inference ({result['time']})", "", *machine_lines(result), "",
              f"{result['images']} JPEGs (bundled samples scaled 0.5-1.6x per axis, e.g. {w0}x{h0} to {w1}x{h1}), "
              f"yolov3-tiny FP32 ONNX on onnxruntime, inference threads {result['inference_threads']}, resize kernel "
              f"`{result['resize_kernel']}`. Two runners: one lane on every thread, and {result['lanes']} lanes of one "
@@ -234,8 +225,8 @@ def write_report(result: dict, out: Path) -> None:
         s = bs["stages_ms_per_image"]
         lines.append(f"| {r['batch']} | {fig(r['pure_1'])} | {fig(r['pure_lanes'])} | "
                      f"{'lanes' if f['baseline'] == 'pure_lanes' else '1 lane'} | {fig(r['stream_lanes'])} | "
-                     f"**{pr(f['paired'])}** | {f['ratio']:.3f} | {pr(f['paired_one_lane'])} | "
-                     f"{pr(f['paired_sequential'])} | "
+                     f"**{paired_text(f['paired'])}** | {f['ratio']:.3f} | {paired_text(f['paired_one_lane'])} | "
+                     f"{paired_text(f['paired_sequential'])} | "
                      f"{s['decode']:.1f} / {s['preprocess']:.1f} / {s['inference']:.1f} / {s['postprocess']:.1f} | "
                      f"{'met' if f['paired']['median'] >= result['goal'] else 'missed'} | "
                      f"{f['ratio_best_of_both']:.3f} |")

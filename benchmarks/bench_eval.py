@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import darkconv  # noqa: E402
-from _common import (GOAL, baseline_key, best, cpu_lock, host_cpu, lscpu_flags, paired, pure_inference,  # noqa: E402
-                     steal_share)
+from _common import (GOAL, baseline_key, best, cpu_lock, host_cpu, lscpu_flags, machine_lines, paired,  # noqa: E402
+                     paired_text, pure_inference, steal_share)
 from darkconv import preprocess  # noqa: E402
 from darkconv.bench import environment  # noqa: E402
 from darkconv.datasets import read_label_file  # noqa: E402
@@ -174,14 +174,8 @@ def _series(rounds) -> str:
 
 def write_report(result: dict, out: Path) -> None:
     """``bench_eval.md`` from the results (``--from-json`` writes it again from a saved JSON, also an older one)."""
-    env, rows, goal_ = result["environment"], result["rows"], result["goal"]
-    steal = result.get("host_steal")
-    lines = [f"# darkconv eval vs pure inference ({result['time']})", "",
-             f"Machine: {env['cpu_model']}, {env['cpu_cores']} cores, SIMD {', '.join(env['cpu_features'])}; "
-             f"load average at the end {env['load_avg_1_5_15']}; onnxruntime {env['versions']['onnxruntime']}"
-             + (f"; the host took {steal * 100:.1f} % of this VM's CPU time during the run (steal)" if steal is not None
-                else "") + ".",
-             f"lscpu: {result['lscpu']}", f"CPU lock: {result['cpu_lock']}.", "",
+    rows, goal_ = result["rows"], result["goal"]
+    lines = [f"# darkconv eval vs pure inference ({result['time']})", "", *machine_lines(result), "",
              f"{result['images']} JPEGs (bundled samples resized 0.6-1.4x, half mirrored, with YOLO labels), "
              f"yolov3-tiny FP32 ONNX on onnxruntime, inference threads {result['inference_threads']}, resize kernel "
              f"`{result['resize_kernel']}`. Pure inference: `runner.infer` on a fixed preprocessed batch, on one lane "
@@ -208,8 +202,7 @@ def write_report(result: dict, out: Path) -> None:
                 if loop["median"] >= goal_ else "missed")
         lines.append(f"| {r['batch']} | {best(r['pure_1']):.1f} / {best(r['pure_lanes']):.1f} | "
                      f"{'lanes' if f['baseline'] == 'pure_lanes' else '1 lane'} | {be['images_per_s']:.1f} | "
-                     f"**{loop['median']:.3f}** ({loop['min']:.2f} - {loop['max']:.2f}) | "
-                     f"{total['median']:.3f} ({total['min']:.2f} - {total['max']:.2f}) | {one['median']:.2f} | "
+                     f"**{paired_text(loop)}** | {paired_text(total)} | {one['median']:.2f} | "
                      f"{f['ratio']:.3f} / {f['ratio_total']:.3f} | "
                      f"{st['decode']:.1f} / {st['preprocess']:.1f} / {st['inference']:.1f} / {st['postprocess']:.1f} | "
                      f"{goal} | {f['ratio_best_of_both']:.3f} |")
