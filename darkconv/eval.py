@@ -276,7 +276,10 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
             paths = [im.path for im in ds.images]
             want_coco = coco or coco_json is not None
             map_post = (metrics.MAP_THRESH, metrics.MAP_NMS)
-            posts = [[map_post] + ([(cocolib.VALID_THRESH, cocolib.VALID_NMS)] if want_coco else [])]
+            # detector valid's setting: for the COCO file, and for COCO metrics except in agreement (they use the map
+            # setting there), so an agreement eval without --coco-json does not postprocess every image twice
+            want_valid = coco_json is not None or (coco and not agreement)
+            posts = [[map_post] + ([(cocolib.VALID_THRESH, cocolib.VALID_NMS)] if want_valid else [])]
             if agreement:
                 posts.append([map_post])
             timings: dict = {}
@@ -322,18 +325,18 @@ def evaluate(model, weights=None, data=None, *, images=None, backend: str | None
             use_annotations = ds.kind == "coco" and not agreement
             cat_ids = cocolib.category_ids(class_names, ds.category_map if use_annotations else None)
             ids, ids_from = cocolib.image_ids(paths, [im.image_id for im in ds.images] if ds.kind == "coco" else None)
-            rows = []
-            for d, sz, iid in zip(out[0][1], sizes, ids):
-                rows += cocolib.detector_valid_entries(d, sz, iid, cat_ids)
+
+            def entries(per_image):
+                return [row for d, sz, iid in zip(per_image, sizes, ids)
+                        for row in cocolib.detector_valid_entries(d, sz, iid, cat_ids)]
+
             if coco_json is not None:
-                cocolib.write_results(coco_json, rows)
+                cocolib.write_results(coco_json, entries(out[0][1]))
             if coco:
                 gt = (cocolib.subset_ground_truth(ds.coco, ids) if use_annotations
                       else cocolib.ground_truth(truths, sizes, ids, cat_ids, class_names))
-                if agreement:  # the same detections as the reference's (map settings): identical runs give 1.0
-                    rows = []
-                    for d, sz, iid in zip(dets, sizes, ids):
-                        rows += cocolib.detector_valid_entries(d, sz, iid, cat_ids)
+                # agreement: the same detections as the reference's (map setting): identical runs give 1.0
+                rows = entries(dets if agreement else out[0][1])
                 coco_out = cocolib.coco_metrics(gt, cocolib.rows_as_results(rows), copy=use_annotations)
                 coco_out["detections_from"] = ({"thresh": metrics.MAP_THRESH, "nms": metrics.MAP_NMS} if agreement
                                                else {"thresh": cocolib.VALID_THRESH, "nms": cocolib.VALID_NMS})
