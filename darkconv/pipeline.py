@@ -463,7 +463,7 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
     # files and videos: once the queue is full, refill it when half of it is left, so the preprocessing worker
     # decodes a few frames per wake-up instead of preempting inference once per frame (its caches with it: 3-4 %
     # more images/s on 2 cores). A live source refills as soon as there is room: its newest frame is wanted.
-    refill = per_stage - 1 if getattr(frames, "live", False) else per_stage // 2
+    burst = not getattr(frames, "live", False)
     pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="darkconv-stream-pre")
     lane_pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="darkconv-stream-infer") if lanes > 1 else None
 
@@ -489,8 +489,8 @@ def stream_runs(runners, frames, posts, *, batch: int = 1, letterbox=None, agnos
                     if not _put(q_pre, (x, chunk), stop):
                         return
                     chunk, x = [], None
-                    if refill < per_stage and q_pre.full():
-                        _wait_until_at_most(q_pre, refill, stop)
+                    if burst and q_pre.full():
+                        _wait_until_at_most(q_pre, per_stage // 2, stop)
             if chunk:
                 _put(q_pre, (x, chunk), stop)
             _put(q_pre, _DONE, stop)

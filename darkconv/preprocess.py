@@ -141,13 +141,13 @@ def load_image(path, *, max_pixels: float | None = None) -> np.ndarray:
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)     # OpenCV >= 4.10: the decoder writes RGB itself
     flag = cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag
     try:
-        bgr, lines = run_captured(lambda: cv2.imdecode(buf, flag))
+        im, lines = run_captured(lambda: cv2.imdecode(buf, flag))
     except cv2.error as exc:  # e.g. above OpenCV's own OPENCV_IO_MAX_IMAGE_PIXELS
         raise ImageError(f"OpenCV cannot decode the file ({_one_line(str(exc))})", file=p) from None
     corrupt = [ln for ln in lines if ln.startswith(_CORRUPT)]
     if corrupt:
         raise ImageError(f"corrupt image data ({corrupt[0].strip()}): re-encode or replace the file", file=p)
-    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.size == 0:
+    if im is None or im.ndim != 3 or im.shape[2] != 3 or im.size == 0:
         raise ImageError("cannot decode the image (corrupt, truncated or unsupported format)",
                          file=p)
     if lines:
@@ -156,8 +156,8 @@ def load_image(path, *, max_pixels: float | None = None) -> np.ndarray:
         for ln in lines:
             warnings.warn(DarkconvWarning(f"{p}: {ln.strip()} (the image was decoded)"), stacklevel=2)
     if rgb_flag is not None:                              # the same pixels as IMREAD_COLOR, in RGB order
-        return bgr
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # a byte swap, as [:, :, ::-1], 30x faster than numpy's copy
+        return im
+    return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)  # a byte swap, as [:, :, ::-1], 30x faster than numpy's copy
 
 
 def _one_line(text: str) -> str:
